@@ -1,0 +1,6 @@
+"""phi3fast.kernels: hand-written Triton kernels (installed from the top-level kernels/ folder).
+
+Every op takes backend='auto'|'triton'|'torch': 'auto' runs Triton on CUDA and the PyTorch reference on CPU.
+To run the Triton kernels on CPU (tests), set TRITON_INTERPRET=1 before triton is imported and pass
+backend='triton'.
+"""

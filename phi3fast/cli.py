@@ -1,0 +1,50 @@
+"""The `phi3fast` command line. Each verb only parses arguments and calls a library function."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from phi3fast import __version__
+from phi3fast.errors import Phi3FastError
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a Phi3FastError (bad input) into one clear line on stderr and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Phi3FastError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="phi3fast")
+def main() -> None:
+    """phi3fast: fast, lean QLoRA fine-tuning and RAG for Microsoft Phi-3."""
+
+
+@main.command()
+@user_errors
+def info() -> None:
+    """Show versions, devices and the SIMD level the native index will use."""
+    from phi3fast.sysinfo import system_info
+
+    for key, value in system_info().items():
+        click.echo(f"{key:>12}: {value}")
+
+
+if __name__ == "__main__":
+    main()
