@@ -78,5 +78,5 @@ def test_wheel_contains_extension_and_kernels(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("phi3fast/_hnsw") and n.endswith(".so") for n in names)
     assert "phi3fast/kernels/__init__.py" in names
-    assert "phi3fast/cli.py" in names
+    assert "phi3fast/cli/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names), "kernels must not ship as a top-level module"

@@ -1,4 +1,8 @@
-"""The `phi3fast` command line. Each verb only parses arguments and calls a library function."""
+"""The `phi3fast` command line. Each verb only parses arguments and calls a library function.
+
+Verbs live in one module per area (phi3fast/cli/<area>.py), each decorating functions with `@main.command()`;
+the imports at the bottom of this file register them. Register a verb only once it works.
+"""
 
 from __future__ import annotations
 
@@ -46,5 +50,4 @@ def info() -> None:
         click.echo(f"{key:>12}: {value}")
 
 
-if __name__ == "__main__":
-    main()
+# Verb modules register themselves on `main` when imported (one line per area).
