@@ -1,0 +1,21 @@
+"""Ahead-of-time compile specs: what `python -m phi3fast.kernels.report` compiles for sm_80 and sm_90.
+
+Every kernel module exposes `aot_specs() -> list[AotSpec]`, one spec per launch configuration it can use, so the
+report compiles exactly the configurations the launchers (and autotune) may pick at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    kernel: Any  # a triton JITFunction (the undecorated function under @triton.autotune: `.fn` of the Autotuner)
+    name: str  # row label in the report, e.g. "nf4_matmul"
+    config: str  # human-readable launch config, e.g. "BM=64,BN=128,BK=64,w=4,s=3"
+    signature: dict[str, str] = field(default_factory=dict)  # argument name -> triton type ('*fp16', 'i32', ...)
+    constexprs: dict[str, object] = field(default_factory=dict)  # constexpr name -> value
+    num_warps: int = 4
+    num_stages: int = 3
