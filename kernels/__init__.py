@@ -4,3 +4,8 @@ Every op takes backend='auto'|'triton'|'torch': 'auto' runs Triton on CUDA and t
 To run the Triton kernels on CPU (tests), set TRITON_INTERPRET=1 before triton is imported and pass
 backend='triton'.
 """
+
+from .lora import lora_linear
+from .nf4 import nf4_dequantize, nf4_matmul
+
+__all__ = ["lora_linear", "nf4_dequantize", "nf4_matmul"]

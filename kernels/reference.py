@@ -72,24 +72,13 @@ def check_lora(x: Tensor, n: int, k: int, lora_a: Tensor, lora_b: Tensor, x_lora
         raise Phi3FastError(f"x_lora of shape {tuple(x_lora.shape)} must match x's shape {tuple(x.shape)}")
 
 
-# ---- NF4 decoding ------------------------------------------------------------------------------------------------
-
-
-def real_absmax(w: NF4Weight) -> Tensor:
-    """Per-block fp32 scales; with double quant: nested_code[absmax] * nested_absmax[b // 256] + offset."""
-    if not w.double_quant:
-        return w.absmax.float()
-    nested = w.nested_absmax.float().repeat_interleave(256)[: w.absmax.numel()]
-    return w.nested_code.float()[w.absmax.long()] * nested + w.offset.float()
+# ---- NF4 math ---------------------------------------------------------------------------------------------------
 
 
 def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W [N, K] in dtype. Computed in fp32 (code * absmax, the order bitsandbytes uses), then rounded once."""
-    n, k = check_weight(w)
-    packed = w.packed.reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1).long()  # high nibble = element 2i
-    values = w.code.float()[codes].view(-1, w.blocksize) * real_absmax(w)[:, None]
-    return values.view(n, k).to(dtype)
+    """W [N, K] in dtype: code * absmax in fp32, then one rounding (NF4Weight.dequantize, bitsandbytes' order)."""
+    check_weight(w)
+    return w.dequantize(dtype)
 
 
 def nf4_matmul(x: Tensor, w: NF4Weight) -> Tensor:
@@ -97,3 +86,17 @@ def nf4_matmul(x: Tensor, w: NF4Weight) -> Tensor:
     n, k = check_weight(w)
     check_input(x, k)
     return x @ dequantize(w, x.dtype).t()
+
+
+def base_plus_lora(x2: Tensor, w: NF4Weight, t: Tensor, b: Tensor, scale: float) -> Tensor:
+    """x2 W^T + scale * t B^T for x2 [M, K], t = x_lora A^T [M, r] (the LoRA forward's two GEMMs)."""
+    return (x2 @ dequantize(w, x2.dtype).t()).addmm_(t, b.t(), alpha=scale)
+
+
+def lora_dx(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+    """dY W (+ scale * u A with u = dY B, when x_lora is x): the LoRA backward's input gradient."""
+    dx = g2 @ dequantize(w, g2.dtype)
+    if lora is not None:
+        u, a, scale = lora
+        dx.addmm_(u, a, alpha=scale)
+    return dx

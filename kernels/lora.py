@@ -1,0 +1,277 @@
+"""LoRA over a frozen NF4 weight: y = x W^T + scale * (x_lora A^T) B^T, fused forward and backward in Triton.
+
+Forward: t = x_lora A^T [M, r] is one skinny GEMM; the base GEMM (nf4.py's kernels) adds scale * t B^T in its
+epilogue, so the output is written once and W is dequantized once, inside the main loop.
+
+Backward, for dY [M, N]:
+    u  = dY B                [M, r]   skinny GEMM
+    dX = dY W + scale * u A  [M, K]   `_lora_dx_kernel`: W dequantized on the fly in the main loop, u A in the epilogue
+    dA = scale * u^T x_lora  [r, K]
+    dB = scale * dY^T t      [N, r]
+(with a separate x_lora, dX = dY W and dx_lora = scale * u A.)
+
+Saved for backward vs recomputed (note):
+- saved: x_lora (dA needs it; it is the layer input autograd keeps anyway), t = x_lora A^T (M*r elements, r/K of
+  x's size; recomputing it would re-read all of x_lora), A and B (parameters, no copy), the NF4 weight (a
+  reference to the packed 4-bit tensors, no copy).
+- recomputed: the dequantized W. Keeping it from the forward would cost N*K*2 bytes per layer for the whole
+  step, the very memory QLoRA exists to save; the backward dequantizes it once more, inside `_lora_dx_kernel`
+  (or once into a buffer on the dequant + cuBLAS path), never twice. Nothing else of the forward is kept: the
+  base output is never needed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference
+from ._aot import AotSpec
+from .nf4 import (
+    _DTYPES,
+    _block_scale,
+    _dequant_tile,
+    _weight_args,
+    _weight_signature,
+    as_rows,
+    dequantize_triton,
+    large_m_path,
+    lora_rank_pad,
+    matmul_triton,
+)
+
+if TYPE_CHECKING:
+    from phi3fast.quant import NF4Weight
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- kernels -----------------------------------------------------------------------------------------------------
+
+
+def _dx_configs() -> list[triton.Config]:
+    if INTERPRET:
+        # One config in the interpreter (it runs them all); BLOCK_N=128 > N=64 exercises the N mask.
+        return [
+            triton.Config(
+                {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1
+            )
+        ]
+    return [
+        # BLOCK_K is the output tile along K: 64 = one NF4 block per row of W per tile, one absmax per row.
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+        ),
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+        ),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # Small M and blocksize 32.
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+def _prune_by_blocksize(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    bs = named_args["blocksize"]
+    return [c for c in configs if bs % c.kwargs["BLOCK_K"] == 0]
+
+
+@triton.autotune(
+    configs=_dx_configs(),
+    key=["M_BUCKET", "N", "K", "HAS_LORA"],
+    prune_configs_by={"early_config_prune": _prune_by_blocksize},
+)
+@triton.jit
+def _lora_dx_kernel(
+    g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+    u_ptr, a_ptr, dx_ptr, lora_scale,
+    M, N, K, blocksize, R, M_BUCKET,
+    stride_gm, stride_um, stride_ar, stride_dxm,
+    DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """dx[M, K] = g[M, N] @ W[N, K] (+ lora_scale * u[M, R] @ A[R, K]). Each program owns a [BLOCK_M, BLOCK_K] tile
+    of dx and walks N; the even and odd columns of the tile come from the high and low nibbles."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_k = K // BLOCK_K
+    group = pid // (GROUP_M * grid_k)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_k)) % group_size
+    pid_k = (pid % (GROUP_M * grid_k)) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rm < M
+    k0 = pid_k * BLOCK_K
+    dt = g_ptr.dtype.element_ty
+    acc_even = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+    acc_odd = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        # Masked columns of g are 0, so the (nonzero) padding rows of the W tile contribute nothing.
+        g = tl.load(
+            g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
+        )
+        scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
+                             mask_n, DOUBLE_QUANT)  # fmt: skip
+        hi, lo = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K // 2)
+        acc_even = tl.dot(g, hi.to(dt), acc_even)
+        acc_odd = tl.dot(g, lo.to(dt), acc_odd)
+    if HAS_LORA:
+        rr = tl.arange(0, R_PAD)  # R padded to >= 16 for tl.dot; the padding is masked to zero
+        rj = tl.arange(0, BLOCK_K // 2)
+        u = tl.load(
+            u_ptr + rm[:, None] * stride_um + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R), other=0.0
+        )
+        a_rows = a_ptr + rr[:, None] * stride_ar + k0 + 2 * rj[None, :]
+        a_even = tl.load(a_rows, mask=rr[:, None] < R, other=0.0)
+        a_odd = tl.load(a_rows + 1, mask=rr[:, None] < R, other=0.0)
+        acc_even += lora_scale * tl.dot(u, a_even)
+        acc_odd += lora_scale * tl.dot(u, a_odd)
+    # Re-interleave even/odd columns so each row of the tile is one contiguous store.
+    acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_M, BLOCK_K])
+    rk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(
+        dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None]
+    )
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------------
+
+
+def dx_fused(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+    m, n = g2.shape
+    k = w.shape[1]
+    u, a, s = lora if lora is not None else (g2, g2, 0.0)
+    r = u.shape[1] if lora is not None else 0
+    dx = torch.empty((m, k), dtype=g2.dtype, device=g2.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (k // meta["BLOCK_K"]),)
+    _lora_dx_kernel[grid](
+        g2, *_weight_args(w), u, a, dx, float(s),
+        m, n, k, w.blocksize, r, triton.next_power_of_2(m),
+        g2.stride(0), u.stride(0), a.stride(0), dx.stride(0),
+        DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_PAD=lora_rank_pad(max(r, 1)),
+    )  # fmt: skip
+    return dx
+
+
+def dx_dequant(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+    """Large-M alternative: dequantize W once into a buffer, then cuBLAS."""
+    dx = g2 @ dequantize_triton(w, g2.dtype)
+    if lora is not None:
+        u, a, s = lora
+        dx.addmm_(u, a, alpha=s)
+    return dx
+
+
+def dx_triton(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+    m, n = g2.shape
+    if m == 0:
+        return g2.new_zeros((0, w.shape[1]))
+    key = ("dx", triton.next_power_of_2(m), n, w.shape[1], g2.dtype, w.double_quant, lora is not None)
+    path = large_m_path(key, lambda: dx_fused(g2, w, lora), lambda: dx_dequant(g2, w, lora))
+    return dx_fused(g2, w, lora) if path == "fused" else dx_dequant(g2, w, lora)
+
+
+# ---- autograd ----------------------------------------------------------------------------------------------------
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Inputs x, x_lora (None = x), A, B are differentiable; the NF4 weight is not a tensor and gets no grad."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_a, lora_b, w, scale, backend):  # noqa: ANN001
+        n = w.shape[0]
+        x2 = as_rows(x)
+        xl2 = x2 if x_lora is None else as_rows(x_lora)
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # fp32 adapters over bf16 activations: compute in bf16
+        t = xl2 @ a.t()
+        if backend == "torch":
+            out = reference.base_plus_lora(x2, w, t, b, scale)
+        else:
+            out = matmul_triton(x2, w, (t, b, scale))
+        ctx.save_for_backward(xl2, t, lora_a, lora_b)
+        ctx.w, ctx.scale, ctx.backend, ctx.same = w, scale, backend, x_lora is None
+        return out.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        xl2, t, lora_a, lora_b = ctx.saved_tensors
+        need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
+        scale, lead = ctx.scale, grad_out.shape[:-1]
+        g2 = as_rows(grad_out)
+        a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
+        u = g2 @ b if (need_x and ctx.same) or need_xl or need_a else None
+        dx = dxl = da = db = None
+        if need_x:
+            lora = (u, a, scale) if ctx.same else None
+            dx_fn = reference.lora_dx if ctx.backend == "torch" else dx_triton
+            dx = dx_fn(g2, ctx.w, lora).view(*lead, -1)
+        if need_xl:
+            dxl = (scale * (u @ a)).view(*lead, -1)
+        if need_a:
+            da = (scale * (u.t() @ xl2)).to(lora_a.dtype)
+        if need_b:
+            db = (scale * (g2.t() @ t)).to(lora_b.dtype)
+        return dx, dxl, da, db, None, None, None
+
+
+def lora_linear(
+    x: Tensor,
+    w: NF4Weight | Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    *,
+    x_lora: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """x W^T + scale * (x_lora A^T) B^T, x_lora defaulting to x; differentiable in x, x_lora, A, B (not W).
+
+    A dense w [N, K] (LoRA over a 16-bit base) runs as plain matmuls on every backend."""
+    if isinstance(w, Tensor):
+        if w.dim() != 2:
+            raise reference.Phi3FastError(f"dense w of shape {tuple(w.shape)}: expected (N, K)")
+        n, k = w.shape
+        reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
+        reference.resolve_backend(backend, x.device)  # still reject a bad backend name
+        xl = x if x_lora is None else x_lora
+        lora = torch.nn.functional.linear(
+            torch.nn.functional.linear(xl, lora_a.to(x.dtype)), lora_b.to(x.dtype)
+        )
+        return torch.nn.functional.linear(x, w.detach().to(x.dtype)) + scale * lora
+    n, k = reference.check_weight(w)
+    reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
+    resolved = reference.resolve_backend(backend, x.device)
+    return LoraLinearFunction.apply(x, x_lora, lora_a, lora_b, w, float(scale), resolved)
+
+
+# ---- AOT specs ---------------------------------------------------------------------------------------------------
+
+
+def aot_specs() -> list[AotSpec]:
+    """The dx kernel in every (dtype, double quant, LoRA epilogue, tile config) the launcher can pick on a GPU."""
+    specs = []
+    kernel = _lora_dx_kernel.fn
+    for dq in (True, False):
+        for dname, ptr in _DTYPES.items():
+            for lora in (False, True):
+                sig = {
+                    "g_ptr": ptr, **_weight_signature(dq), "u_ptr": ptr, "a_ptr": ptr, "dx_ptr": ptr,
+                    "lora_scale": "fp32", "M": "i32", "N": "i32", "K": "i32", "blocksize": "i32", "R": "i32",
+                    "M_BUCKET": "i32", "stride_gm": "i32", "stride_um": "i32", "stride_ar": "i32", "stride_dxm": "i32",
+                }  # fmt: skip
+                sig = {name: sig[name] for name in kernel.arg_names if name in sig}
+                for c in _dx_configs():
+                    cfg = ",".join(f"{key}={v}" for key, v in c.kwargs.items())
+                    label = f"{dname},dq={int(dq)},lora={int(lora)},{cfg},w={c.num_warps},s={c.num_stages}"
+                    consts = {"DOUBLE_QUANT": dq, "HAS_LORA": lora, "R_PAD": 16, **c.kwargs}
+                    specs.append(AotSpec(kernel, "lora_dx", label, sig, consts, c.num_warps, c.num_stages))
+    return specs
