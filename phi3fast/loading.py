@@ -214,7 +214,7 @@ def load_model(
             if lin is not None and bnb:
                 sd = {k: reader.get(k) for k in files if k == key or k.startswith(key + ".")}
                 try:
-                    w = NF4Weight.from_bnb_state_dict(sd, key)
+                    w = NF4Weight.from_bnb_state_dict(sd, key.removesuffix("weight"))
                 except Exception as e:
                     raise Phi3FastError(
                         f"{files[key]}: bad bitsandbytes 4-bit tensor '{key}' ({e})"

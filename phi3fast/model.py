@@ -27,22 +27,6 @@ if TYPE_CHECKING:
     from phi3fast.quant import NF4Weight
 
 
-def _ops() -> tuple[Any, Any]:
-    try:
-        from phi3fast.kernels import lora_linear, nf4_matmul
-    except ImportError:  # TEMPORARY until phi3fast.kernels lands: dense-only torch ops
-
-        def nf4_matmul(x: Tensor, w: Any) -> Tensor:
-            return F.linear(x, w.dequantize(x.dtype))
-
-        def lora_linear(x, w, a, b, scale, *, x_lora=None):  # type: ignore[no-untyped-def]
-            wd = w if isinstance(w, Tensor) else w.dequantize(x.dtype)
-            x_lora = x if x_lora is None else x_lora
-            return F.linear(x, wd) + scale * F.linear(F.linear(x_lora, a), b)
-
-    return lora_linear, nf4_matmul
-
-
 class Phi3Linear(nn.Module):
     """y = x W^T (+ scale * dropout(x) A^T B^T with LoRA). W is frozen: an NF4Weight or a dense Parameter."""
 
@@ -79,7 +63,8 @@ class Phi3Linear(nn.Module):
         return self.base.detach().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        lora_linear, nf4_matmul = _ops()
+        from phi3fast.kernels import lora_linear, nf4_matmul
+
         if self.lora_A is None:
             if self.nf4 is not None:
                 return nf4_matmul(x, self.nf4)
