@@ -51,3 +51,4 @@ def info() -> None:
 
 
 # Verb modules register themselves on `main` when imported (one line per area).
+from phi3fast.cli import rag  # noqa: E402,F401  (index, query)

