@@ -74,8 +74,10 @@ def resolve_model_dir(model: str | Path) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir))
     except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
         raise Phi3FastError(
-            f"{name}: could not download from the Hugging Face Hub ({type(e).__name__}: {e})"
+            f"{name}: not a local directory, no cached copy, and the Hugging Face Hub is unreachable "
+            f"({type(e).__name__}: {first})"
         ) from None
 
 

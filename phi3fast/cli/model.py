@@ -1,0 +1,112 @@
+"""Model verbs: init-tiny, generate, merge (argument parsing only; the work is in phi3fast.tiny/generate/merge)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from phi3fast.cli import main, user_errors
+
+_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _quantize(value: str) -> str | None:
+    return None if value == "none" else value
+
+
+def _dtype(name: str):  # noqa: ANN202
+    import torch
+
+    return None if _DTYPES[name] is None else getattr(torch, _DTYPES[name])
+
+
+@main.command("init-tiny")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--hidden", default=256, show_default=True, help="hidden size")
+@click.option("--layers", default=2, show_default=True, help="decoder layers")
+@click.option("--heads", default=4, show_default=True, help="attention heads")
+@click.option("--intermediate", default=512, show_default=True, help="MLP size")
+@click.option("--vocab", default=2048, show_default=True, help="embedding rows (>= the BPE tokenizer's size)")
+@click.option("--seed", default=0, show_default=True, help="weight seed")
+@user_errors
+def init_tiny_cmd(
+    out: str, hidden: int, layers: int, heads: int, intermediate: int, vocab: int, seed: int
+) -> None:
+    """Write a small random Phi-3 checkpoint (transformers format, BPE tokenizer with Phi-3's chat tokens)."""
+    from phi3fast.tiny import init_tiny
+
+    path = init_tiny(
+        out, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, vocab=vocab, seed=seed
+    )
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", required=True, help="checkpoint directory or Hub id")
+@click.option(
+    "--adapter", default=None, type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter dir"
+)
+@click.option("--system", default=None, help="system message")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy"
+)
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--seed", default=None, type=int, help="sampling seed (reproducible sampling)")
+@click.option("--quantize", default="nf4", show_default=True, type=click.Choice(["nf4", "none"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(_DTYPES)))
+@user_errors
+def generate(
+    prompt: str,
+    model_dir: str,
+    adapter: str | None,
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    quantize: str,
+    dtype: str,
+) -> None:
+    """Chat with a Phi-3 checkpoint (plus an adapter); the reply streams to stdout."""
+    from phi3fast.generate import stream_chat
+    from phi3fast.model import load
+
+    model = load(model_dir, adapter=adapter, quantize=_quantize(quantize), dtype=_dtype(dtype))
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    pieces = stream_chat(
+        model, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, help="base checkpoint directory or Hub id")
+@click.option(
+    "--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter"
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="new checkpoint directory")
+@click.option(
+    "--quantize",
+    default="nf4",
+    show_default=True,
+    type=click.Choice(["nf4", "none"]),
+    help="the base the adapter was trained on: nf4 (QLoRA) merges into dequantized NF4 weights",
+)
+@click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(list(_DTYPES)), help="auto = base's"
+)
+@user_errors
+def merge(model_dir: str, adapter: str, out: str, quantize: str, dtype: str) -> None:
+    """Fold a LoRA adapter into its base: a plain transformers checkpoint."""
+    from phi3fast.merge import merge_adapter
+
+    path = merge_adapter(model_dir, adapter, out, quantize=_quantize(quantize), dtype=_dtype(dtype))
+    click.echo(f"wrote {path}")

@@ -1,0 +1,188 @@
+"""Chat generation with a KV cache: greedy (temperature 0, deterministic) or sampled (temperature, top-p, seed).
+
+Decode steps run the model on one token against the cache; each projection then is a matrix-vector product,
+which on CUDA goes to nf4_matmul's small-M (split-K) kernel. Generation stops at <|end|>, at any eos id of the
+checkpoint (tokenizer eos and generation_config.json's eos_token_id list), or after max_new_tokens.
+
+LongRoPE note: a 128k variant switches every position to the long factors once the sequence exceeds
+original_max_position_embeddings; keys cached with the short factors would then be wrong, so the sequence is
+re-encoded once at that point (transformers does the same).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from phi3fast.errors import Phi3FastError
+from phi3fast.model import Phi3ForCausalLM
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise Phi3FastError("messages must be a non-empty list of {'role', 'content'} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise Phi3FastError(f"messages[{i}]: needs 'role' in {ROLES} and a string 'content', got {m!r}")
+    return messages
+
+
+def stop_ids(model: Phi3ForCausalLM) -> set[int]:
+    """<|end|>, the tokenizer's eos and every eos id in generation_config.json / config."""
+    tok = model.tokenizer
+    ids: set[int] = set()
+    end = tok.convert_tokens_to_ids("<|end|>")
+    if isinstance(end, int) and end != tok.unk_token_id:
+        ids.add(end)
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    eos = model.config.eos_token_id
+    ids.update([eos] if isinstance(eos, int) else list(eos or ()))
+    gen = model.model_dir / "generation_config.json" if model.model_dir is not None else None
+    if gen is not None and gen.is_file():
+        try:
+            g = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise Phi3FastError(f"{gen}: not valid JSON ({e})") from None
+        ids.update([g] if isinstance(g, int) else list(g or ()))
+    return ids
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Next token from fp32 logits [V]: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Phi3ForCausalLM,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Iterable[int] = (),
+) -> Iterator[int]:
+    """Yield new token ids one at a time (the stop token itself is not yielded)."""
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0:
+        raise Phi3FastError(f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0 (got {temperature}, {top_p}, {max_new_tokens})")  # fmt: skip
+    cfg = model.config
+    if not prompt_ids:
+        raise Phi3FastError("empty prompt")
+    total = min(len(prompt_ids) + max_new_tokens, cfg.max_position_embeddings)
+    if len(prompt_ids) >= cfg.max_position_embeddings:
+        raise Phi3FastError(
+            f"prompt of {len(prompt_ids)} tokens exceeds the context ({cfg.max_position_embeddings})"
+        )
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    stop = set(stop)
+    # Ids past the tokenizer's vocabulary are embedding padding (Phi-3 pads 32011 tokens to 32064): never emit them.
+    n_real = len(model.tokenizer)
+    device = model.device
+    ids = list(prompt_ids)
+    was_training = model.training
+    model.eval()  # no LoRA dropout while generating, even mid-training
+    try:
+        yield from _decode(model, ids, total, temperature, top_p, generator, stop, n_real, device)
+    finally:
+        model.train(was_training)
+
+
+def _decode(
+    model: Phi3ForCausalLM,
+    ids: list[int],
+    total: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    stop: set[int],
+    n_real: int,
+    device: torch.device,
+) -> Iterator[int]:
+    cfg = model.config
+    cache = model.new_kv_cache(1, total)
+    logits = model(torch.tensor([ids], device=device), kv_cache=cache)[0, -1]
+    long_rope = cfg.rope_scaling is not None and len(ids) > cfg.original_max_position_embeddings
+    while len(ids) < total:
+        scores = logits.float().cpu()
+        scores[n_real:] = float("-inf")
+        token = sample(scores, temperature, top_p, generator)
+        if token in stop:
+            return
+        yield token
+        ids.append(token)
+        if len(ids) >= total:
+            return
+        if cfg.rope_scaling is not None and not long_rope and len(ids) > cfg.original_max_position_embeddings:
+            long_rope = True  # re-encode everything with the long factors (see the module note)
+            cache = model.new_kv_cache(1, total)
+            logits = model(torch.tensor([ids], device=device), kv_cache=cache)[0, -1]
+        else:
+            logits = model(torch.tensor([[token]], device=device), kv_cache=cache)[0, -1]
+
+
+def detokenize(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive; a piece is held back while it ends inside a multi-byte character."""
+    ids: list[int] = []
+    sent = ""
+    for t in tokens:
+        ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+        sent = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(sent):
+        yield text[len(sent) :]
+
+
+def chat_prompt_ids(model: Phi3ForCausalLM, messages: list[dict[str, str]]) -> list[int]:
+    """Phi-3's chat template with the assistant turn opened; the template supplies every special token."""
+    text = model.tokenizer.apply_chat_template(
+        check_messages(messages), tokenize=False, add_generation_prompt=True
+    )
+    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stream_chat(
+    model: Phi3ForCausalLM,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Decoded text pieces of the assistant's reply (KV cache; greedy when temperature == 0; stops at <|end|>)."""
+    tokens = generate_tokens(
+        model,
+        chat_prompt_ids(model, messages),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop_ids(model),
+    )
+    yield from detokenize(model.tokenizer, tokens)
+
+
+def generate_text(model: Phi3ForCausalLM, messages: list[dict], **kwargs: Any) -> str:
+    """The whole reply of stream_chat as one string."""
+    return "".join(stream_chat(model, messages, **kwargs))
