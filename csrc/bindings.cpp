@@ -1,5 +1,5 @@
 // pybind11 bindings for phi3fast._hnsw. The distance functions are exposed directly so tests can check every
-// SIMD path against numpy; the HNSW index builds on the same DistanceFunctions.
+// SIMD path against numpy; the HNSW index (index_bindings.h) builds on the same DistanceFunctions.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,6 +8,7 @@
 #include <string>
 
 #include "distances.h"
+#include "index_bindings.h"
 
 namespace py = pybind11;
 using phi3fast::DistanceFunctions;
@@ -90,11 +91,5 @@ PYBIND11_MODULE(_hnsw, m) {
         py::arg("simd") = py::none(),
         "All-pairs squared L2 or inner product, [n, dim] x [m, dim] -> [n, m] float32 (GIL released).");
 
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const std::invalid_argument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
-  });
+  bind_index(m);
 }

@@ -1,0 +1,676 @@
+// Header-only HNSW index (Malkov & Yashunin) with hnswlib-compatible semantics.
+//
+// Layout: one contiguous level-0 block per node, [u32 header | maxM0 u32 links | payload | u64 label], the
+// same as hnswlib's for float32 so its files import with one copy. Header: low 16 bits = link count, byte 2 =
+// deleted mark (hnswlib's DELETE_MARK), byte 3 = ready (vector and links written; used by exact scans).
+// Upper levels: one malloc'd block of `level` link lists per node with level > 0.
+//
+// Concurrency note: `struct_mu_` is held shared by add and search and exclusively by resize/save, so buffers
+// never move under a reader. Writers lock one node's links at a time (striped mutexes) and publish a node only
+// after its vector, label and own links are written. Readers on the query path take no per-node locks and no
+// atomics: link slots and counts are single aligned stores, and every id ever stored in a list is a node whose
+// data is complete (x86-TSO plus a release fence on the writer side), as in hnswlib.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <shared_mutex>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "fileio.h"
+#include "parallel.h"
+#include "vector_space.h"
+
+namespace phi3fast {
+
+// Which labels a search may return: a bitset over internal ids (from a numpy id array or mask, checked
+// without Python), or a callable on the label (hnswlib's filter, evaluated lazily per candidate).
+struct Filter {
+  std::vector<uint64_t> bits;
+  size_t allowed = 0;
+  std::function<bool(uint64_t)> fn;
+  bool has_bits() const { return !bits.empty(); }
+};
+
+constexpr int kMaxLevel = 64;  // levels are ~ -ln(U)/ln(M): 64 is unreachable for M >= 2 in practice
+
+class HnswIndex {
+ public:
+  HnswIndex(Space space, size_t dim, Storage storage, size_t max_elements, size_t M, size_t ef_construction,
+            size_t seed, bool allow_replace_deleted, SimdLevel simd)
+      : vs_(space, storage, dim, simd), M_(M), maxM_(M), maxM0_(2 * M),
+        ef_construction_(std::max(ef_construction, M)), seed_(seed), allow_replace_(allow_replace_deleted),
+        mult_(1.0 / std::log(static_cast<double>(M))), rng_(static_cast<uint32_t>(seed)),
+        label_locks_(kLabelLocks), link_locks_(kLinkLocks) {
+    if (dim == 0) throw std::invalid_argument("dim must be >= 1");
+    if (M < 2 || M > 10000) throw std::invalid_argument("M must be in [2, 10000], got " + std::to_string(M));
+    links0_bytes_ = 4 * (maxM0_ + 1);
+    upper_bytes_ = 4 * (maxM_ + 1);
+    payload_off_ = links0_bytes_;
+    label_off_ = payload_off_ + vs_.payload_bytes();
+    node_bytes_ = label_off_ + 8;
+    prefetch_lines_ = std::min<size_t>(16, (vs_.payload_bytes() + 63) / 64);
+    allocate(max_elements);
+  }
+  ~HnswIndex() {
+    for (uint32_t* p : upper_) std::free(p);
+    std::free(level0_);
+  }
+  HnswIndex(const HnswIndex&) = delete;
+  HnswIndex& operator=(const HnswIndex&) = delete;
+
+  // ---- properties ----
+  const VectorSpace& space() const { return vs_; }
+  size_t dim() const { return vs_.dim; }
+  size_t M() const { return M_; }
+  size_t ef_construction() const { return ef_construction_; }
+  size_t max_elements() const { return max_elements_; }
+  size_t count() const { return count_.load(std::memory_order_acquire); }
+  size_t num_deleted() const { return num_deleted_.load(); }
+  bool allow_replace_deleted() const { return allow_replace_; }
+  size_t node_bytes() const { return node_bytes_; }
+
+  // ---- add / update ----
+
+  // Adds v (already normalized for cosine) under `label`; an existing label is updated in place.
+  void add(const float* v, uint64_t label, bool replace_deleted, SearchScratch& s) {
+    if (replace_deleted && !allow_replace_)
+      throw std::runtime_error("Replacement of deleted elements is disabled in constructor");
+    std::shared_lock<std::shared_mutex> sl(struct_mu_);
+    std::lock_guard<std::mutex> ll(label_locks_[label_hash(label)]);
+    uint32_t id = 0;
+    if (lookup(label, &id)) {
+      if (is_deleted(id)) {
+        if (allow_replace_ && !replace_deleted)
+          throw std::runtime_error(
+              "Can't use addPoint to update deleted elements if replacement of deleted elements is enabled.");
+        unmark_internal(id);
+      }
+      relink(id, v, s);
+      return;
+    }
+    if (replace_deleted && take_vacant(&id)) {
+      {
+        std::lock_guard<std::mutex> g(label_mu_);
+        label_map_.erase(get_label(id));
+      }
+      set_label(id, label);
+      relink(id, v, s);  // still marked deleted: searches skip it until it is relinked
+      clear_deleted_flag(id);
+      std::lock_guard<std::mutex> g(label_mu_);
+      label_map_[label] = id;
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> g(count_mu_);
+      if (count_.load() >= max_elements_)
+        throw std::runtime_error("The number of elements exceeds the specified limit");
+      id = static_cast<uint32_t>(count_.load());
+      count_.store(id + 1, std::memory_order_release);
+    }
+    insert_new(id, v, label, s);
+    std::lock_guard<std::mutex> g(label_mu_);
+    label_map_[label] = id;
+  }
+
+  // How many of these labels would need a new slot (not present, not filling a deleted one): lets add_items
+  // refuse a batch that cannot fit before changing anything.
+  size_t slots_needed(const uint64_t* labels, size_t n, bool replace_deleted) const {
+    std::unordered_set<uint64_t> fresh;
+    {
+      std::lock_guard<std::mutex> g(label_mu_);
+      for (size_t i = 0; i < n; ++i)
+        if (!label_map_.count(labels[i])) fresh.insert(labels[i]);
+    }
+    size_t vacant = 0;
+    if (replace_deleted) {
+      std::lock_guard<std::mutex> g(deleted_mu_);
+      vacant = deleted_ids_.size();
+    }
+    return fresh.size() > vacant ? fresh.size() - vacant : 0;
+  }
+
+  // ---- search ----
+
+  // Writes up to k nearest (ascending distance) into labels/dists; returns how many were found.
+  size_t search(const float* qv, size_t k, size_t ef, const Filter* filt, SearchScratch& s, uint64_t* labels,
+                float* dists) const {
+    std::shared_lock<std::shared_mutex> sl(struct_mu_);
+    if (k == 0) return 0;
+    const uint64_t entry = entry_.load(std::memory_order_acquire);
+    if (entry == 0) return 0;
+    const Query q = vs_.prepare(qv);
+    const size_t n = count();
+    if (filt && filt->has_bits()) {
+      if (filt->allowed == 0) return 0;
+      // Low selectivity: a graph walk would visit most nodes to find k allowed ones (and hnswlib's recall
+      // collapses there); scanning the allowed set exactly costs `allowed` distances and is always right.
+      if (filt->allowed * 20 < n || filt->allowed <= 32 * std::max(ef, k)) return exact(q, k, filt, s, labels, dists);
+    }
+    uint32_t cur = static_cast<uint32_t>(entry);
+    const int top_level = static_cast<int>(entry >> 32) - 1;
+    float d = vs_.dist(q, payload(cur));
+    for (int l = top_level; l > 0; --l) {
+      for (bool changed = true; changed;) {
+        changed = false;
+        const uint32_t* ll = links(cur, l);
+        const size_t c = list_count(ll);
+        for (size_t j = 1; j <= c; ++j) {
+          const float dd = vs_.dist(q, payload(ll[j]));
+          if (dd < d) { d = dd; cur = ll[j]; changed = true; }
+        }
+      }
+    }
+    search_level0(q, cur, std::max(ef, k), filt, s);
+    auto& top = s.top;
+    std::sort_heap(top.begin(), top.end());
+    const size_t found = std::min(k, top.size());
+    for (size_t i = 0; i < found; ++i) {
+      labels[i] = get_label(top[i].second);
+      dists[i] = top[i].first;
+    }
+    if (found < k && filt && filt->fn) return exact(q, k, filt, s, labels, dists);
+    return found;
+  }
+
+  // ---- deletion ----
+  void mark_deleted(uint64_t label) {
+    std::shared_lock<std::shared_mutex> sl(struct_mu_);
+    std::lock_guard<std::mutex> ll(label_locks_[label_hash(label)]);
+    uint32_t id;
+    if (!lookup(label, &id)) throw std::runtime_error("Label not found");
+    if (is_deleted(id)) throw std::runtime_error("The requested to delete element is already deleted");
+    flags(id)[0] |= 1;
+    num_deleted_.fetch_add(1);
+    if (allow_replace_) {
+      std::lock_guard<std::mutex> g(deleted_mu_);
+      deleted_ids_.insert(id);
+    }
+  }
+  void unmark_deleted(uint64_t label) {
+    std::shared_lock<std::shared_mutex> sl(struct_mu_);
+    std::lock_guard<std::mutex> ll(label_locks_[label_hash(label)]);
+    uint32_t id;
+    if (!lookup(label, &id)) throw std::runtime_error("Label not found");
+    if (!is_deleted(id)) throw std::runtime_error("The requested to undelete element is not deleted");
+    unmark_internal(id);
+  }
+
+  // ---- items ----
+  // Decoded vector of a live label (lossy for compact storage); throws "Label not found" otherwise.
+  void get_vector(uint64_t label, float* out) const {
+    std::shared_lock<std::shared_mutex> sl(struct_mu_);
+    uint32_t id;
+    if (!lookup(label, &id) || is_deleted(id)) throw std::runtime_error("Label not found");
+    vs_.decode(payload(id), out);
+  }
+  std::vector<uint64_t> labels() const {
+    std::lock_guard<std::mutex> g(label_mu_);
+    std::vector<uint64_t> out;
+    out.reserve(label_map_.size());
+    for (const auto& kv : label_map_) out.push_back(kv.first);
+    return out;
+  }
+
+  // Allowed set from labels (numpy id array) or from a boolean mask indexed by label.
+  Filter filter_from_labels(const uint64_t* ids, size_t n) const {
+    std::shared_lock<std::shared_mutex> sl(struct_mu_);
+    Filter f;
+    f.bits.assign((max_elements_ + 63) / 64 + 1, 0);
+    std::lock_guard<std::mutex> g(label_mu_);
+    for (size_t i = 0; i < n; ++i) {
+      auto it = label_map_.find(ids[i]);
+      if (it != label_map_.end()) set_bit(f, it->second);
+    }
+    return f;
+  }
+  Filter filter_from_mask(const bool* mask, size_t len) const {
+    std::shared_lock<std::shared_mutex> sl(struct_mu_);
+    Filter f;
+    f.bits.assign((max_elements_ + 63) / 64 + 1, 0);
+    const size_t n = count();
+    for (uint32_t id = 0; id < n; ++id) {
+      if (!is_ready(id)) continue;
+      const uint64_t lab = get_label(id);
+      if (lab < len && mask[lab]) set_bit(f, id);
+    }
+    return f;
+  }
+
+  void resize(size_t new_max) {
+    std::unique_lock<std::shared_mutex> ul(struct_mu_);
+    if (new_max < count()) throw std::runtime_error("Cannot resize, max element is less than the current number of elements");
+    allocate(new_max);
+  }
+
+  // ---- files (format in index_file.h) ----
+  friend struct IndexFile;
+
+ private:
+  static constexpr size_t kLabelLocks = 1 << 12;
+  static constexpr size_t kLinkLocks = 1 << 16;
+
+  VectorSpace vs_;
+  size_t M_, maxM_, maxM0_, ef_construction_, seed_;
+  bool allow_replace_;
+  double mult_;
+  std::mt19937 rng_;
+  std::mutex rng_mu_;
+
+  size_t links0_bytes_, upper_bytes_, payload_off_, label_off_, node_bytes_, prefetch_lines_;
+  size_t max_elements_ = 0;
+  uint8_t* level0_ = nullptr;
+  std::vector<uint32_t*> upper_;
+  std::vector<int32_t> levels_;
+
+  std::atomic<size_t> count_{0};
+  std::atomic<size_t> num_deleted_{0};
+  std::atomic<uint64_t> entry_{0};  // (top level + 1) << 32 | entry id; 0 = empty
+
+  mutable std::shared_mutex struct_mu_;
+  mutable std::mutex label_mu_;
+  std::mutex count_mu_, entry_mu_;
+  mutable std::mutex deleted_mu_;
+  std::unordered_map<uint64_t, uint32_t> label_map_;
+  std::unordered_set<uint32_t> deleted_ids_;
+  std::vector<std::mutex> label_locks_;
+  mutable std::vector<std::mutex> link_locks_;
+
+  // ---- memory ----
+  void allocate(size_t new_max) {
+    if (new_max > 0xFFFFFFF0ull) throw std::invalid_argument("max_elements must be < 2**32");
+    if (new_max != 0 && node_bytes_ > (uint64_t{1} << 62) / new_max)
+      throw std::invalid_argument("max_elements is too large");
+    const uint64_t bytes = static_cast<uint64_t>(new_max) * node_bytes_;
+    if (bytes > physical_memory_bytes())
+      throw std::runtime_error("Not enough memory: " + std::to_string(new_max) + " elements need " +
+                               std::to_string(bytes) + " bytes, more than this machine has");
+    uint8_t* p = static_cast<uint8_t*>(std::realloc(level0_, std::max<uint64_t>(bytes, 64)));
+    if (!p) throw std::runtime_error("Not enough memory for " + std::to_string(new_max) + " elements");
+    if (bytes > max_elements_ * node_bytes_) std::memset(p + max_elements_ * node_bytes_, 0, bytes - max_elements_ * node_bytes_);
+    level0_ = p;
+    upper_.resize(new_max, nullptr);
+    levels_.resize(new_max, 0);
+    max_elements_ = new_max;
+  }
+
+  // ---- node accessors ----
+  uint8_t* node(uint32_t id) const { return level0_ + static_cast<size_t>(id) * node_bytes_; }
+  uint32_t* links(uint32_t id, int level) const {
+    return level == 0 ? reinterpret_cast<uint32_t*>(node(id)) : upper_[id] + static_cast<size_t>(level - 1) * (maxM_ + 1);
+  }
+  static size_t list_count(const uint32_t* ll) { return *reinterpret_cast<const uint16_t*>(ll); }
+  static void set_count(uint32_t* ll, size_t c) { *reinterpret_cast<uint16_t*>(ll) = static_cast<uint16_t>(c); }
+  uint8_t* flags(uint32_t id) const { return node(id) + 2; }
+  bool is_deleted(uint32_t id) const { return node(id)[2] & 1; }
+  bool is_ready(uint32_t id) const { return node(id)[3] != 0; }
+  const uint8_t* payload(uint32_t id) const { return node(id) + payload_off_; }
+  uint64_t get_label(uint32_t id) const {
+    uint64_t l;
+    std::memcpy(&l, node(id) + label_off_, 8);
+    return l;
+  }
+  void set_label(uint32_t id, uint64_t l) { std::memcpy(node(id) + label_off_, &l, 8); }
+  std::mutex& link_lock(uint32_t id) const { return link_locks_[id & (kLinkLocks - 1)]; }
+  static size_t label_hash(uint64_t l) { return (l * 0x9E3779B97F4A7C15ull) >> 52; }  // 12 bits
+  static void set_bit(Filter& f, uint32_t id) {
+    uint64_t& w = f.bits[id >> 6];
+    const uint64_t m = uint64_t{1} << (id & 63);
+    if (!(w & m)) { w |= m; ++f.allowed; }
+  }
+  static bool test_bit(const Filter& f, uint32_t id) { return (f.bits[id >> 6] >> (id & 63)) & 1; }
+
+  bool lookup(uint64_t label, uint32_t* id) const {
+    std::lock_guard<std::mutex> g(label_mu_);
+    auto it = label_map_.find(label);
+    if (it == label_map_.end()) return false;
+    *id = it->second;
+    return true;
+  }
+  bool take_vacant(uint32_t* id) {
+    std::lock_guard<std::mutex> g(deleted_mu_);
+    if (deleted_ids_.empty()) return false;
+    *id = *deleted_ids_.begin();
+    deleted_ids_.erase(deleted_ids_.begin());
+    return true;
+  }
+  void clear_deleted_flag(uint32_t id) {
+    flags(id)[0] &= static_cast<uint8_t>(~1u);
+    num_deleted_.fetch_sub(1);
+  }
+  void unmark_internal(uint32_t id) {
+    clear_deleted_flag(id);
+    if (allow_replace_) {
+      std::lock_guard<std::mutex> g(deleted_mu_);
+      deleted_ids_.erase(id);
+    }
+  }
+
+  // A stored node as a query (decoded into buf for compact storage).
+  Query node_query(uint32_t id, std::vector<float>& buf) const {
+    if (vs_.storage == Storage::F32) return vs_.prepare(reinterpret_cast<const float*>(payload(id)));
+    buf.resize(vs_.dim);
+    vs_.decode(payload(id), buf.data());
+    return vs_.prepare(buf.data());
+  }
+
+  void prefetch_payload(uint32_t id) const {
+    const char* p = reinterpret_cast<const char*>(payload(id));
+    for (size_t i = 0; i < prefetch_lines_; ++i) __builtin_prefetch(p + 64 * i, 0, 3);
+  }
+
+  int random_level() {
+    std::lock_guard<std::mutex> g(rng_mu_);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    const double r = -std::log(std::max(u(rng_), 1e-300)) * mult_;
+    return std::min(static_cast<int>(r), kMaxLevel - 1);
+  }
+
+  // ---- search on level 0 (query path: no locks) ----
+  void search_level0(const Query& q, uint32_t ep, size_t ef, const Filter* filt, SearchScratch& s) const {
+    s.begin(max_elements_);
+    auto& top = s.top;  // max-heap on distance: the current best ef
+    auto& cand = s.cand;  // min-heap via std::greater
+    const bool has_del = num_deleted_.load(std::memory_order_relaxed) > 0;
+    const bool filtering = filt != nullptr;
+    auto ok = [&](uint32_t id) {
+      if (has_del && is_deleted(id)) return false;
+      if (!filtering) return true;
+      return filt->has_bits() ? test_bit(*filt, id) : filt->fn(get_label(id));
+    };
+    float lower = std::numeric_limits<float>::infinity();
+    const float d0 = vs_.dist(q, payload(ep));
+    s.visit(ep);
+    if (ok(ep)) { top.emplace_back(d0, ep); lower = d0; }
+    cand.emplace_back(d0, ep);
+    s.ids.resize(maxM0_ + 1);
+    uint32_t* fresh = s.ids.data();
+    while (!cand.empty()) {
+      const Cand c = cand.front();
+      if (c.first > lower && (top.size() >= ef || (!filtering && !has_del))) break;
+      std::pop_heap(cand.begin(), cand.end(), std::greater<Cand>());
+      cand.pop_back();
+      const uint32_t* ll = links(c.second, 0);
+      const size_t cnt = list_count(ll);
+      size_t m = 0;
+      for (size_t j = 1; j <= cnt; ++j) {
+        const uint32_t id = ll[j];
+        if (s.visit(id)) {
+          fresh[m++] = id;
+          __builtin_prefetch(payload(id), 0, 3);
+        }
+      }
+      if (m) prefetch_payload(fresh[0]);
+      for (size_t j = 0; j < m; ++j) {
+        if (j + 1 < m) prefetch_payload(fresh[j + 1]);
+        const uint32_t id = fresh[j];
+        const float dd = vs_.dist(q, payload(id));
+        if (top.size() < ef || dd < lower) {
+          cand.emplace_back(dd, id);
+          std::push_heap(cand.begin(), cand.end(), std::greater<Cand>());
+          if (ok(id)) {
+            top.emplace_back(dd, id);
+            std::push_heap(top.begin(), top.end());
+            if (top.size() > ef) { std::pop_heap(top.begin(), top.end()); top.pop_back(); }
+          }
+          if (!top.empty()) lower = top.front().first;
+        }
+      }
+    }
+  }
+
+  // Exact scan over ready, live, allowed nodes.
+  size_t exact(const Query& q, size_t k, const Filter* filt, SearchScratch& s, uint64_t* labels, float* dists) const {
+    auto& top = s.top;
+    top.clear();
+    const size_t n = count();
+    auto consider = [&](uint32_t id) {
+      if (!is_ready(id) || is_deleted(id)) return;
+      const float d = vs_.dist(q, payload(id));
+      if (top.size() < k) {
+        top.emplace_back(d, id);
+        std::push_heap(top.begin(), top.end());
+      } else if (d < top.front().first) {
+        std::pop_heap(top.begin(), top.end());
+        top.back() = {d, id};
+        std::push_heap(top.begin(), top.end());
+      }
+    };
+    if (filt && filt->has_bits()) {
+      for (size_t w = 0; w * 64 < n; ++w) {
+        for (uint64_t bits = filt->bits[w]; bits; bits &= bits - 1) {
+          const uint32_t id = static_cast<uint32_t>(w * 64 + __builtin_ctzll(bits));
+          if (id < n) consider(id);
+        }
+      }
+    } else {
+      for (uint32_t id = 0; id < n; ++id)
+        if (!filt || !filt->fn || (is_ready(id) && filt->fn(get_label(id)))) consider(id);
+    }
+    std::sort_heap(top.begin(), top.end());
+    for (size_t i = 0; i < top.size(); ++i) {
+      labels[i] = get_label(top[i].second);
+      dists[i] = top[i].first;
+    }
+    return top.size();
+  }
+
+  // ---- construction (locks per node while reading/writing links) ----
+  uint32_t greedy_locked(const Query& q, uint32_t cur, int from, int to_exclusive) const {
+    float d = vs_.dist(q, payload(cur));
+    std::vector<uint32_t> buf(maxM_ + 1);
+    for (int l = from; l > to_exclusive; --l) {
+      for (bool changed = true; changed;) {
+        changed = false;
+        size_t c;
+        {
+          std::lock_guard<std::mutex> g(link_lock(cur));
+          const uint32_t* ll = links(cur, l);
+          c = list_count(ll);
+          std::memcpy(buf.data(), ll + 1, 4 * c);
+        }
+        for (size_t j = 0; j < c; ++j) {
+          const float dd = vs_.dist(q, payload(buf[j]));
+          if (dd < d) { d = dd; cur = buf[j]; changed = true; }
+        }
+      }
+    }
+    return cur;
+  }
+
+  // ef_construction search at one level; fills s.top (not deleted nodes) as an unsorted vector.
+  void search_build(const Query& q, uint32_t ep, int level, SearchScratch& s) const {
+    s.begin(max_elements_);
+    auto& top = s.top;
+    auto& cand = s.cand;
+    const size_t ef = ef_construction_;
+    std::vector<uint32_t>& buf = s.ids;
+    buf.resize(maxM0_ + 1);
+    float lower = std::numeric_limits<float>::infinity();
+    const float d0 = vs_.dist(q, payload(ep));
+    s.visit(ep);
+    if (!is_deleted(ep)) { top.emplace_back(d0, ep); lower = d0; }
+    cand.emplace_back(d0, ep);
+    while (!cand.empty()) {
+      const Cand c = cand.front();
+      if (c.first > lower && top.size() >= ef) break;
+      std::pop_heap(cand.begin(), cand.end(), std::greater<Cand>());
+      cand.pop_back();
+      size_t cnt;
+      {
+        std::lock_guard<std::mutex> g(link_lock(c.second));
+        const uint32_t* ll = links(c.second, level);
+        cnt = list_count(ll);
+        std::memcpy(buf.data(), ll + 1, 4 * cnt);
+      }
+      for (size_t j = 0; j < cnt; ++j) {
+        const uint32_t id = buf[j];
+        if (!s.visit(id)) continue;
+        const float dd = vs_.dist(q, payload(id));
+        if (top.size() < ef || dd < lower) {
+          cand.emplace_back(dd, id);
+          std::push_heap(cand.begin(), cand.end(), std::greater<Cand>());
+          if (!is_deleted(id)) {
+            top.emplace_back(dd, id);
+            std::push_heap(top.begin(), top.end());
+            if (top.size() > ef) { std::pop_heap(top.begin(), top.end()); top.pop_back(); }
+          }
+          if (!top.empty()) lower = top.front().first;
+        }
+      }
+    }
+  }
+
+  // hnswlib's neighbor-selection heuristic: keep a candidate only if it is closer to the base than to every
+  // candidate already kept (spreads links over directions instead of clustering them).
+  void select_neighbors(std::vector<Cand>& c, size_t m, std::vector<float>& buf) const {
+    std::sort(c.begin(), c.end());
+    if (c.size() <= m) return;
+    size_t kept = 0;
+    for (size_t i = 0; i < c.size() && kept < m; ++i) {
+      const Query qe = node_query(c[i].second, buf);
+      bool good = true;
+      for (size_t j = 0; j < kept; ++j) {
+        if (vs_.dist(qe, payload(c[j].second)) < c[i].first) { good = false; break; }
+      }
+      if (good) c[kept++] = c[i];
+    }
+    c.resize(kept);
+  }
+
+  // Links `id` at `level` to the selected candidates and adds the reverse links (pruning full lists).
+  // Returns the closest selected node: the entry point for the next level down.
+  uint32_t connect(uint32_t id, int level, std::vector<Cand>& cands, bool is_update, SearchScratch& s) {
+    select_neighbors(cands, M_, s.buf_b);
+    {
+      std::lock_guard<std::mutex> g(link_lock(id));
+      uint32_t* ll = links(id, level);
+      for (size_t j = 0; j < cands.size(); ++j) ll[1 + j] = cands[j].second;
+      std::atomic_thread_fence(std::memory_order_release);
+      set_count(ll, cands.size());
+    }
+    const size_t maxc = level == 0 ? maxM0_ : maxM_;
+    std::vector<Cand> pool;
+    for (const Cand& sel : cands) {
+      const uint32_t nb = sel.second;
+      if (nb == id) continue;
+      std::lock_guard<std::mutex> g(link_lock(nb));
+      uint32_t* ll = links(nb, level);
+      const size_t c = list_count(ll);
+      if (is_update && std::find(ll + 1, ll + 1 + c, id) != ll + 1 + c) continue;
+      if (c < maxc) {
+        ll[1 + c] = id;
+        std::atomic_thread_fence(std::memory_order_release);
+        set_count(ll, c + 1);
+        continue;
+      }
+      const Query qn = node_query(nb, s.buf_a);
+      pool.clear();
+      pool.emplace_back(vs_.dist(qn, payload(id)), id);
+      for (size_t j = 1; j <= c; ++j) pool.emplace_back(vs_.dist(qn, payload(ll[j])), ll[j]);
+      select_neighbors(pool, maxc, s.buf_b);
+      for (size_t j = 0; j < pool.size(); ++j) ll[1 + j] = pool[j].second;
+      set_count(ll, pool.size());
+    }
+    return cands.empty() ? id : cands.front().second;
+  }
+
+  void insert_new(uint32_t id, const float* v, uint64_t label, SearchScratch& s) {
+    const int level = random_level();
+    uint8_t* nd = node(id);
+    std::memset(nd, 0, links0_bytes_);
+    vs_.encode(v, nd + payload_off_);
+    set_label(id, label);
+    if (level > 0) {
+      uint32_t* up = static_cast<uint32_t*>(std::calloc(static_cast<size_t>(level), upper_bytes_));
+      if (!up) throw std::runtime_error("Not enough memory for the links of a new element");
+      std::free(upper_[id]);
+      upper_[id] = up;
+    } else if (upper_[id]) {
+      std::free(upper_[id]);
+      upper_[id] = nullptr;
+    }
+    levels_[id] = level;
+    std::atomic_thread_fence(std::memory_order_release);
+
+    std::unique_lock<std::mutex> eg(entry_mu_, std::defer_lock);
+    uint64_t entry = entry_.load(std::memory_order_acquire);
+    int top_level = static_cast<int>(entry >> 32) - 1;
+    if (level > top_level || entry == 0) {  // may become the new entry point: serialize with other such inserts
+      eg.lock();
+      entry = entry_.load(std::memory_order_acquire);
+      top_level = static_cast<int>(entry >> 32) - 1;
+      if (level <= top_level) eg.unlock();
+    }
+    if (entry == 0) {
+      nd[3] = 1;
+      entry_.store((static_cast<uint64_t>(level + 1) << 32) | id, std::memory_order_release);
+      return;
+    }
+    const Query q = vs_.prepare(v);
+    uint32_t cur = greedy_locked(q, static_cast<uint32_t>(entry), top_level, level);
+    for (int l = std::min(level, top_level); l >= 0; --l) {
+      search_build(q, cur, l, s);
+      std::vector<Cand> cands(s.top.begin(), s.top.end());
+      cur = connect(id, l, cands, false, s);
+    }
+    nd[3] = 1;
+    if (level > top_level) entry_.store((static_cast<uint64_t>(level + 1) << 32) | id, std::memory_order_release);
+  }
+
+  // New vector for an existing node: repair the lists of its old neighbors that pointed to it (they lose a
+  // router), then link it where it now belongs, as a fresh insert at its existing level.
+  void relink(uint32_t id, const float* v, SearchScratch& s) {
+    vs_.encode(v, node(id) + payload_off_);
+    const int level = levels_[id];
+    const uint64_t entry = entry_.load(std::memory_order_acquire);
+    const int top_level = static_cast<int>(entry >> 32) - 1;
+    std::vector<uint32_t> old;
+    std::vector<Cand> pool;
+    for (int l = 0; l <= level; ++l) {
+      {
+        std::lock_guard<std::mutex> g(link_lock(id));
+        const uint32_t* ll = links(id, l);
+        old.assign(ll + 1, ll + 1 + list_count(ll));
+      }
+      const size_t maxc = l == 0 ? maxM0_ : maxM_;
+      for (uint32_t nb : old) {
+        std::lock_guard<std::mutex> g(link_lock(nb));
+        uint32_t* ll = links(nb, l);
+        const size_t c = list_count(ll);
+        if (std::find(ll + 1, ll + 1 + c, id) == ll + 1 + c) continue;
+        const Query qn = node_query(nb, s.buf_a);
+        pool.clear();
+        for (size_t j = 1; j <= c; ++j)
+          if (ll[j] != id) pool.emplace_back(vs_.dist(qn, payload(ll[j])), ll[j]);
+        for (uint32_t o : old)
+          if (o != nb && std::find(ll + 1, ll + 1 + c, o) == ll + 1 + c) pool.emplace_back(vs_.dist(qn, payload(o)), o);
+        select_neighbors(pool, maxc, s.buf_b);
+        for (size_t j = 0; j < pool.size(); ++j) ll[1 + j] = pool[j].second;
+        set_count(ll, pool.size());
+      }
+    }
+    if (count() <= 1 || entry == 0) return;
+    const Query q = vs_.prepare(v);
+    uint32_t cur = greedy_locked(q, static_cast<uint32_t>(entry), top_level, level);
+    for (int l = std::min(level, top_level); l >= 0; --l) {
+      search_build(q, cur, l, s);
+      std::vector<Cand> cands;
+      for (const Cand& c : s.top)
+        if (c.second != id) cands.push_back(c);
+      if (cands.empty()) continue;
+      cur = connect(id, l, cands, true, s);
+    }
+  }
+};
+
+}  // namespace phi3fast
