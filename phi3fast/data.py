@@ -70,6 +70,11 @@ class Row:
     def n_targets(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-pad) input tokens."""
+        return len(self.input_ids) if self.seq_ids is None else sum(1 for s in self.seq_ids if s != 0)
+
 
 @dataclass
 class Batch:
@@ -234,11 +239,7 @@ def encode_example(tokenizer: Any, ex: Example, max_len: int | None = None) -> S
     truncated = max_len is not None and len(ids) > max_len
     if truncated:
         ids, trained = ids[:max_len], trained[:max_len]
-    labels = _shift(ids, trained)
-    if all(t == IGNORE_INDEX for t in labels):
-        # Only possible after truncation: the prompt alone fills max_len.
-        raise Phi3FastError(f"{ex.where}: no trained token left within --seq-len {max_len}")
-    return Sample(tuple(ids), labels, truncated)
+    return Sample(tuple(ids), _shift(ids, trained), truncated)
 
 
 def pack(samples: Sequence[Sample], seq_len: int, pad_id: int) -> list[Row]:
@@ -279,16 +280,28 @@ def pack(samples: Sequence[Sample], seq_len: int, pad_id: int) -> list[Row]:
     return rows
 
 
+@dataclass(frozen=True)
+class DataStats:
+    samples: int  # kept
+    truncated: int  # longer than seq_len: cut (their closing <|end|>/eos is lost)
+    dropped: int  # nothing left to learn within seq_len (the prompt alone fills it)
+
+
 def build_rows(
     examples: Sequence[Example], tokenizer: Any, seq_len: int, packing: bool
-) -> tuple[list[Row], int]:
-    """Tokenize every example (errors name FILE:LINE) and form rows; returns (rows, n_truncated)."""
-    samples = [encode_example(tokenizer, ex, seq_len) for ex in examples]
-    n_truncated = sum(s.truncated for s in samples)
+) -> tuple[list[Row], DataStats]:
+    """Tokenize every example (errors name FILE:LINE) and form rows."""
+    encoded = [encode_example(tokenizer, ex, seq_len) for ex in examples]
+    samples = [s for s in encoded if any(t != IGNORE_INDEX for t in s.labels)]
+    stats = DataStats(len(samples), sum(s.truncated for s in samples), len(encoded) - len(samples))
+    if not samples:
+        raise Phi3FastError(
+            f"{examples[0].where.rsplit(':', 1)[0]}: no row has a trained token within --seq-len {seq_len}"
+        )
     if packing:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return pack(samples, seq_len, pad), n_truncated
-    return [Row(s.input_ids, s.labels) for s in samples], n_truncated
+        return pack(samples, seq_len, pad), stats
+    return [Row(s.input_ids, s.labels) for s in samples], stats
 
 
 def collate(rows: Sequence[Row], pad_id: int) -> Batch:

@@ -169,9 +169,13 @@ def test_truncation(tok):
     ex = parse_row({"text": "the quick brown fox jumps over the lazy dog"}, "f:1")
     s = encode_example(tok, ex, max_len=4)
     assert s.truncated and len(s.input_ids) == 4
-    ex = parse_row({"prompt": "the quick brown fox jumps over the lazy dog", "completion": "x"}, "f:9")
-    with pytest.raises(Phi3FastError, match="f:9: no trained token left within --seq-len 3"):
-        encode_example(tok, ex, max_len=3)
+    long_prompt = parse_row(
+        {"prompt": "the quick brown fox jumps over the lazy dog", "completion": "x"}, "f:9"
+    )
+    rows, stats = build_rows([ex, long_prompt], tok, 4, False)
+    assert (stats.samples, stats.truncated, stats.dropped) == (1, 1, 1) and len(rows) == 1
+    with pytest.raises(Phi3FastError, match="f: no row has a trained token within --seq-len 3"):
+        build_rows([long_prompt], tok, 3, False)
 
 
 @pytest.mark.parametrize("seq_len", [17, 32, 130])
