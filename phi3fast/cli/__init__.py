@@ -52,4 +52,5 @@ def info() -> None:
 
 # Verb modules register themselves on `main` when imported (one line per area).
 from phi3fast.cli import rag  # noqa: E402,F401  (index, query)
+from phi3fast.cli import train  # noqa: E402,F401  (train)
 from phi3fast.cli import model  # noqa: E402,F401  (init-tiny, generate, merge)
