@@ -45,6 +45,7 @@ import torch
 from phi3fast.errors import Phi3FastError
 
 __all__ = [
+    "NF4_BOUNDS",
     "NF4_CODE",
     "NF4FormatError",
     "NF4Weight",
@@ -76,7 +77,7 @@ NF4_CODE = torch.tensor(
     dtype=torch.float32,
 )
 # fp32 midpoints between neighbouring codes; equal to the pivots of bitsandbytes' CUDA decision tree.
-_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax in blocks of 256, always
@@ -336,7 +337,7 @@ def quantize_nf4(
 
         packed, absmax = nf4_quantize_blocks(w, blocksize)
     else:
-        packed, absmax = _quantize_blocks_torch(w, blocksize)
+        packed, absmax = quantize_blocks_torch(w, blocksize)
 
     code = NF4_CODE.to(w.device)
     shape = (w.shape[0], w.shape[1])
@@ -358,14 +359,14 @@ def quantize_nf4(
     )
 
 
-def _quantize_blocks_torch(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks_torch(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed codes uint8 [ceil(n/2), 1] and fp32 absmax [nblocks], in chunks of whole blocks to bound memory."""
     flat = w.reshape(-1)
     n = flat.numel()
     nblocks = -(-n // blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
-    bounds = _NF4_BOUNDS.to(w.device)
+    bounds = NF4_BOUNDS.to(w.device)
     chunk = max(_CPU_CHUNK // blocksize, 1) * blocksize  # whole blocks, an even count, per chunk
     for start in range(0, n, chunk):
         x = flat[start : start + chunk].float()
