@@ -83,7 +83,7 @@ def merge_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        written = _write_shards(merged(), tmp)
+        written = _write_shards(merged(), tmp, MAX_SHARD_BYTES)
         expected = {k for k in weight_files(root) if not k.endswith(_BNB_SUFFIXES)}
         if written != expected:  # internal invariant: the same tensor names as the base checkpoint
             raise AssertionError(f"merged tensors differ from the base: {sorted(written ^ expected)[:5]}")
