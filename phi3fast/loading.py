@@ -199,7 +199,8 @@ def load_model(
     known = {ckpt_key(n) for n in expected}
     if bnb:
         known |= {f"{ckpt_key(n)}.weight.{s}" for n in linears for s in _BNB_SUFFIXES}
-    unknown = [k for k in files if k not in known]
+    # Old exports carry RoPE caches (`rotary_emb.inv_freq`); RoPE is recomputed from the config, so they are dropped.
+    unknown = [k for k in files if k not in known and not k.endswith("rotary_emb.inv_freq")]
     if unknown:
         raise Phi3FastError(
             f"{files[unknown[0]]}: unexpected tensors {unknown[:5]} (not a Phi-3 checkpoint?)"

@@ -71,7 +71,8 @@ class Phi3Linear(nn.Module):
             return F.linear(x, self.weight)
         # LoRA factors are kept in fp32 (master weights); the cast is differentiable, so grads land in fp32.
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        x_lora = self.lora_dropout(x) if self.training else None
+        # x_lora=None lets the kernel reuse x (no dropout copy) whenever dropout is off or in eval mode.
+        x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
         return lora_linear(x, self.base, a, b, self.lora_scale, x_lora=x_lora)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Phi3Linear:

@@ -345,3 +345,39 @@ def test_hub_id_from_cache(tiny: Path, tmp_path: Path, monkeypatch: pytest.Monke
     model = load("microsoft/Phi-3-mini-4k-instruct", quantize=None)
     assert model.model_dir == repo / "snapshots" / commit
     assert model.name_or_path == "microsoft/Phi-3-mini-4k-instruct"
+
+
+def test_tolerated_extras_and_defaults(tiny: Path, tmp_path: Path) -> None:
+    """RoPE caches of old exports are ignored; a tokenizer without a chat template gets Phi-3's."""
+    from phi3fast.tiny import PHI3_CHAT_TEMPLATE
+
+    def add_inv_freq(sd: dict) -> dict:
+        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+        return sd
+
+    dst = edit_checkpoint(tiny, tmp_path / "x", weights=add_inv_freq)
+    tok_cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    del tok_cfg["chat_template"]
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    model = load(dst)
+    assert model.tokenizer.chat_template == PHI3_CHAT_TEMPLATE
+
+    def add_junk(sd: dict) -> dict:
+        sd["model.layers.0.self_attn.q_proj.weight"] = torch.ones(8)
+        return sd
+
+    with pytest.raises(
+        Phi3FastError, match=r"model.safetensors: unexpected tensors \['model.layers.0.self_attn.q_proj"
+    ):
+        load(edit_checkpoint(tiny, tmp_path / "y", weights=add_junk))
+
+
+def test_to_keeps_nf4_weights(tiny: Path) -> None:
+    model = load(tiny)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        before = model(ids)
+        model.to("cpu").to(torch.float32)
+        lin = model.linears()["layers.0.mlp.down_proj"]
+        assert lin.nf4 is not None and lin.nf4.packed.dtype == torch.uint8
+        assert torch.equal(model(ids), before)
