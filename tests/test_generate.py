@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from model_helpers import VOCAB, make_tiny
 from torch import nn
 
 from phi3fast.cli import main
 from phi3fast.errors import Phi3FastError
 from phi3fast.generate import chat_prompt_ids, generate_text, generate_tokens, sample, stop_ids, stream_chat
 from phi3fast.model import load
-from phi3fast.tiny import init_tiny
 
-VOCAB = 512
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "How often grease the bearings?"},
@@ -27,9 +26,7 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_tiny(
-        tmp_path_factory.mktemp("g") / "tiny", hidden=64, layers=2, heads=4, intermediate=128, vocab=VOCAB
-    )
+    return make_tiny(tmp_path_factory)
 
 
 def hf_greedy(path: Path, prompt: list[int], n: int, stop: set[int]) -> list[int]:

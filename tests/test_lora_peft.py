@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import REL_TOL, VOCAB, hf_bnb_model, make_tiny, rel_err
 from safetensors.torch import load_file, save_file
 
 from phi3fast.errors import Phi3FastError
@@ -20,21 +21,11 @@ from phi3fast.lora import (
     save_adapter,
 )
 from phi3fast.model import load
-from phi3fast.tiny import init_tiny
-
-REL_TOL = {torch.float32: 1e-3}  # relative error of logits, fp32
-VOCAB = 512
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_tiny(
-        tmp_path_factory.mktemp("l") / "tiny", hidden=64, layers=2, heads=4, intermediate=128, vocab=VOCAB
-    )
+    return make_tiny(tmp_path_factory)
 
 
 def trained_adapter(base: Path, out: Path, quantize: str | None, cfg: LoraConfig) -> Path:
@@ -53,8 +44,6 @@ def peft_logits(base: Path, adapter: Path, ids: torch.Tensor, bnb: bool = False)
     from transformers import AutoModelForCausalLM
 
     if bnb:
-        from test_model import hf_bnb_model
-
         hf = hf_bnb_model(base)
     else:
         hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)

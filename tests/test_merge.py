@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from model_helpers import REL_TOL, VOCAB, make_tiny, rel_err
 from safetensors.torch import load_file
 
 import phi3fast.merge as merge_mod
@@ -17,21 +18,11 @@ from phi3fast.lora import LoraConfig, apply_lora, lora_parameters, save_adapter
 from phi3fast.merge import merge_adapter
 from phi3fast.model import load
 from phi3fast.quant import quantize_nf4
-from phi3fast.tiny import init_tiny
-
-REL_TOL = {torch.float32: 1e-3}  # relative error of logits, fp32
-VOCAB = 512
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_tiny(
-        tmp_path_factory.mktemp("mg") / "tiny", hidden=64, layers=2, heads=4, intermediate=128, vocab=VOCAB
-    )
+    return make_tiny(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

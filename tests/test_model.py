@@ -9,56 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import REL_TOL, VOCAB, hf_bnb_model, hf_model, make_tiny, rel_err
 from safetensors.torch import load_file, save_file
 
 from phi3fast.config import REGISTRY, config_from_dict
 from phi3fast.errors import Phi3FastError
 from phi3fast.model import load
-from phi3fast.tiny import init_tiny
-
-# One tolerance table: relative error of logits (||a - b|| / ||b||), fp32 (the brief's parity target).
-REL_TOL = {torch.float32: 1e-3}
-VOCAB = 512
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_tiny(
-        tmp_path_factory.mktemp("m") / "tiny", hidden=64, layers=2, heads=4, intermediate=128, vocab=VOCAB
-    )
-
-
-def hf_model(path: Path):  # noqa: ANN201
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def hf_bnb_model(path: Path):  # noqa: ANN201
-    """transformers + bitsandbytes 4-bit NF4 (double quant) on CPU, its fp32 path (no silent bf16 kernel)."""
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), quantization_config=q, dtype=torch.float32, device_map="cpu"
-    )
-    n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    assert n == 4 * model.config.num_hidden_layers
-    return model.eval()
+    return make_tiny(tmp_path_factory)
 
 
 def edit_checkpoint(src: Path, dst: Path, config: dict | None = None, weights=None) -> Path:  # noqa: ANN001
