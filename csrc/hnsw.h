@@ -495,10 +495,11 @@ class HnswIndex {
     const size_t ef = ef_construction_;
     std::vector<uint32_t>& buf = s.ids;
     buf.resize(maxM0_ + 1);
+    const bool has_del = num_deleted_.load(std::memory_order_relaxed) > 0;
     float lower = std::numeric_limits<float>::infinity();
     const float d0 = vs_.dist(q, payload(ep));
     s.visit(ep);
-    if (!is_deleted(ep)) { top.emplace_back(d0, ep); lower = d0; }
+    if (!has_del || !is_deleted(ep)) { top.emplace_back(d0, ep); lower = d0; }
     cand.emplace_back(d0, ep);
     while (!cand.empty()) {
       const Cand c = cand.front();
@@ -512,14 +513,23 @@ class HnswIndex {
         cnt = list_count(ll);
         std::memcpy(buf.data(), ll + 1, 4 * cnt);
       }
+      size_t m = 0;
       for (size_t j = 0; j < cnt; ++j) {
         const uint32_t id = buf[j];
-        if (!s.visit(id)) continue;
+        if (s.visit(id)) {
+          buf[m++] = id;
+          __builtin_prefetch(payload(id), 0, 3);
+        }
+      }
+      if (m) prefetch_payload(buf[0]);
+      for (size_t j = 0; j < m; ++j) {
+        if (j + 1 < m) prefetch_payload(buf[j + 1]);
+        const uint32_t id = buf[j];
         const float dd = vs_.dist(q, payload(id));
         if (top.size() < ef || dd < lower) {
           cand.emplace_back(dd, id);
           std::push_heap(cand.begin(), cand.end(), std::greater<Cand>());
-          if (!is_deleted(id)) {
+          if (!has_del || !is_deleted(id)) {
             top.emplace_back(dd, id);
             std::push_heap(top.begin(), top.end());
             if (top.size() > ef) { std::pop_heap(top.begin(), top.end()); top.pop_back(); }
