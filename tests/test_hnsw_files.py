@@ -1,0 +1,209 @@
+"""Index files: save/load and pickle round trips, atomic save, truncated/corrupted/foreign files, hnswlib's files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+import pytest
+
+from phi3fast import hnsw
+from phi3fast.errors import Phi3FastError
+
+DIM = 16
+
+
+def data(n: int = 400, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def built(
+    storage: str = "float32", space: str = "l2", n: int = 400, allow_replace: bool = False
+) -> hnsw.Index:
+    ix = hnsw.Index(space, DIM)
+    ix.init_index(n + 100, M=8, ef_construction=60, storage=storage, allow_replace_deleted=allow_replace)
+    ix.add_items(data(n), np.arange(n) * 3)
+    ix.mark_deleted(9)
+    ix.set_ef(40)
+    return ix
+
+
+def same_results(a: hnsw.Index, b: hnsw.Index) -> None:
+    q = data(30, seed=1)
+    (la, da), (lb, db) = a.knn_query(q, k=5), b.knn_query(q, k=5)
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(da, db)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+def test_save_load_round_trip(tmp_path: Path, storage: str, space: str) -> None:
+    ix = built(storage, space)
+    path = tmp_path / "ix.bin"
+    ix.save_index(str(path))
+    assert os.path.getsize(path) == ix.index_file_size()
+    assert [p.name for p in tmp_path.iterdir()] == ["ix.bin"]  # the temp file was renamed, not left behind
+    back = hnsw.Index(space, DIM)
+    back.load_index(str(path), max_elements=1000)
+    back.set_ef(40)
+    assert back.storage == storage and back.get_max_elements() == 1000 and back.element_count == 400
+    same_results(ix, back)
+    with pytest.raises(RuntimeError, match="Label not found"):
+        back.get_items([9])  # the deletion mark survived
+    back.add_items(data(5, seed=3), ids=[5000, 5001, 5002, 5003, 5004])  # and it keeps growing
+    assert back.get_current_count() == 405
+
+
+def test_pickle_and_copy_round_trip() -> None:
+    ix = built("int8")
+    ix.num_threads = 1
+    back = pickle.loads(pickle.dumps(ix))
+    assert (back.ef, back.num_threads, back.storage, back.space, back.dim) == (40, 1, "int8", "l2", DIM)
+    same_results(ix, back)
+    same_results(ix, hnsw.Index(ix))
+    back.add_items(data(1, seed=9))  # auto ids continue after the pickled ones, as in hnswlib
+    assert back.get_current_count() == 401
+    empty = pickle.loads(pickle.dumps(hnsw.Index("ip", 3)))
+    assert repr(empty) == "<phi3fast.hnsw.Index(space='ip', dim=3, storage='float32')>"
+    bf = hnsw.BFIndex("cosine", DIM)
+    bf.init_index(10)
+    bf.add_items(data(10))
+    bf2 = pickle.loads(pickle.dumps(bf))
+    np.testing.assert_array_equal(bf.knn_query(data(3), k=4)[0], bf2.knn_query(data(3), k=4)[0])
+
+
+def test_bfindex_save_load(tmp_path: Path) -> None:
+    bf = hnsw.BFIndex("l2", DIM)
+    bf.init_index(50)
+    bf.add_items(data(40))
+    bf.delete_vector(3)
+    bf.save_index(str(tmp_path / "bf.bin"))
+    back = hnsw.BFIndex("l2", DIM)
+    back.load_index(str(tmp_path / "bf.bin"))
+    assert back.get_current_count() == 39 and back.get_max_elements() == 50
+    np.testing.assert_array_equal(bf.knn_query(data(5), k=3)[0], back.knn_query(data(5), k=3)[0])
+    (tmp_path / "bf.bin").write_bytes((tmp_path / "bf.bin").read_bytes()[:-20])
+    with pytest.raises(RuntimeError, match="corrupted"):
+        back.load_index(str(tmp_path / "bf.bin"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("f") / "ix.bin"
+    built("float32").save_index(str(path))
+    return path.read_bytes()
+
+
+def load_bytes(tmp_path: Path, blob: bytes, space: str = "l2", dim: int = DIM) -> hnsw.Index:
+    path = tmp_path / "bad.bin"
+    path.write_bytes(blob)
+    ix = hnsw.Index(space, dim)
+    ix.load_index(str(path))
+    return ix
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 40, 100, 1000, -9, -1])
+def test_truncated_files_raise(tmp_path: Path, saved: bytes, cut: int) -> None:
+    with pytest.raises(RuntimeError, match="corrupted or unsupported") as err:
+        load_bytes(tmp_path, saved[:cut])
+    assert isinstance(err.value, Phi3FastError) and "bad.bin" in str(err.value)
+
+
+@pytest.mark.parametrize("where", [20, 200, 5000, -20])
+def test_flipped_byte_raises(tmp_path: Path, saved: bytes, where: int) -> None:
+    blob = bytearray(saved)
+    blob[where] ^= 0x40
+    with pytest.raises(RuntimeError, match="corrupted or unsupported"):
+        load_bytes(tmp_path, bytes(blob))
+
+
+def test_huge_counts_in_header_do_not_allocate(tmp_path: Path, saved: bytes) -> None:
+    # count and capacity fields claiming 2**40 elements: refused from the header, before any allocation
+    blob = bytearray(saved)
+    blob[28:36] = struct.pack("<Q", 2**40)  # max_elements
+    blob[36:44] = struct.pack("<Q", 2**40)  # count
+    with pytest.raises(RuntimeError, match="corrupted or unsupported"):
+        load_bytes(tmp_path, bytes(blob))
+    hl = bytearray(96)
+    struct.pack_into("<6Q i I 3Q d Q", hl, 0, 0, 2**40, 2**40, 108, 100, 36, 3, 0, 4, 8, 4, 0.7, 20)
+    with pytest.raises(RuntimeError, match="corrupted or unsupported"):
+        load_bytes(tmp_path, bytes(hl))
+
+
+@pytest.mark.parametrize(
+    "blob", [b"", b"hello world, not an index", bytes(range(256)) * 8, b"PHI3HNSW" + b"\x07" * 200]
+)
+def test_foreign_files_raise(tmp_path: Path, blob: bytes) -> None:
+    with pytest.raises(RuntimeError, match="corrupted or unsupported"):
+        load_bytes(tmp_path, blob)
+
+
+def test_wrong_space_dim_or_kind_raise(tmp_path: Path, saved: bytes) -> None:
+    with pytest.raises(RuntimeError, match="space 'l2', this index is 'ip'"):
+        load_bytes(tmp_path, saved, space="ip")
+    with pytest.raises(RuntimeError, match="dim 16, this index has dim 8"):
+        load_bytes(tmp_path, saved, dim=8)
+    bf = hnsw.BFIndex("l2", DIM)
+    (tmp_path / "x.bin").write_bytes(saved)
+    with pytest.raises(RuntimeError, match="not a phi3fast BFIndex file"):
+        bf.load_index(str(tmp_path / "x.bin"))
+    with pytest.raises(RuntimeError, match="Cannot open file"):
+        hnsw.Index("l2", DIM).load_index(str(tmp_path / "missing.bin"))
+
+
+def test_failed_save_keeps_the_old_file(tmp_path: Path) -> None:
+    ix = built()
+    path = tmp_path / "ix.bin"
+    ix.save_index(str(path))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="Cannot open file"):
+        ix.save_index(str(tmp_path / "no_such_dir" / "ix.bin"))
+    assert path.read_bytes() == before
+
+
+# ---- hnswlib's own files ----
+@pytest.mark.parametrize("space", ["l2", "ip", "cosine"])
+def test_loads_hnswlib_files(tmp_path: Path, space: str) -> None:
+    theirs = hnswlib.Index(space, DIM)
+    theirs.init_index(500, M=12, ef_construction=80)
+    theirs.add_items(data(450), np.arange(450) + 7)
+    theirs.mark_deleted(10)
+    theirs.set_ef(50)
+    theirs.save_index(str(tmp_path / "h.bin"))
+    ours = hnsw.Index(space, DIM)
+    ours.load_index(str(tmp_path / "h.bin"))
+    ours.set_ef(50)
+    assert (ours.M, ours.element_count, ours.get_max_elements(), ours.storage) == (12, 450, 500, "float32")
+    q = data(40, seed=5)
+    (l1, d1), (l2, d2) = ours.knn_query(q, k=8), theirs.knn_query(q, k=8)
+    np.testing.assert_array_equal(l1, l2)  # same graph, same search: same answers
+    np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="Label not found"):
+        ours.get_items([10])
+    # and it is now a phi3fast index: save in our format, load back
+    ours.save_index(str(tmp_path / "p.bin"))
+    again = hnsw.Index(space, DIM)
+    again.load_index(str(tmp_path / "p.bin"))
+    again.set_ef(50)
+    np.testing.assert_array_equal(again.knn_query(q, k=8)[0], l1)
+
+
+def test_truncated_or_mismatched_hnswlib_files_raise(tmp_path: Path) -> None:
+    theirs = hnswlib.Index("l2", DIM)
+    theirs.init_index(100, M=8)
+    theirs.add_items(data(100))
+    theirs.save_index(str(tmp_path / "h.bin"))
+    blob = (tmp_path / "h.bin").read_bytes()
+    for cut in (50, 96, 96 + 10 * 140, len(blob) - 3):  # 140 bytes per element at M=8, dim 16
+        with pytest.raises(RuntimeError, match="corrupted or unsupported"):
+            load_bytes(tmp_path, blob[:cut])
+    with pytest.raises(RuntimeError, match="hnswlib file has dim 16, this index has dim 32"):
+        load_bytes(tmp_path, blob, dim=32)
+    bad = bytearray(blob)
+    struct.pack_into("<I", bad, 96 + 5 * 140 + 4, 10**6)  # a link to an element that does not exist
+    with pytest.raises(RuntimeError, match="links to a missing element"):
+        load_bytes(tmp_path, bytes(bad))
