@@ -339,7 +339,14 @@ def load(
     device: str | torch.device | None = None,
     quantize: str | None = "nf4",
 ) -> Phi3ForCausalLM:
-    """Load a transformers-format Phi-3 checkpoint (local dir or Hub id); see phi3fast.loading.load_model."""
+    """Load a transformers-format Phi-3 checkpoint (local dir or Hub id) into phi3fast's module, in eval mode.
+
+    quantize: 'nf4' (QLoRA base: every decoder linear in NF4, quantized as it is read) or None (dense).
+    dtype: the compute dtype of embeddings, norms, lm_head and activations; None = bf16 on CUDA, fp32 on CPU.
+    device: None = CUDA if available, else CPU. adapter: a PEFT LoRA directory applied on top.
+    The model carries `.config` (Phi3Config), `.tokenizer` (transformers, with Phi-3's chat template) and
+    `.model_dir`. See phi3fast.loading for the file rules and errors.
+    """
     from phi3fast.loading import load_model
 
     return load_model(model_dir, adapter=adapter, dtype=dtype, device=device, quantize=quantize)
