@@ -342,3 +342,30 @@ def test_to_keeps_nf4_weights(tiny: Path) -> None:
         lin = model.linears()["layers.0.mlp.down_proj"]
         assert lin.nf4 is not None and lin.nf4.packed.dtype == torch.uint8
         assert torch.equal(model(ids), before)
+
+
+def test_each_linear_is_quantized_as_it_is_read(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peak host memory ~ one tensor: when a linear is quantized, no earlier dense linear weight is still alive."""
+    import weakref
+
+    import phi3fast.loading as loading
+    import phi3fast.quant as quant
+
+    alive: list[weakref.ref] = []
+    seen: list[int] = []
+    real_get, real_quantize = loading._Reader.get, quant.quantize_nf4
+
+    def get(self, key: str) -> torch.Tensor:  # noqa: ANN001
+        t = real_get(self, key)
+        if key.endswith("_proj.weight"):
+            alive.append(weakref.ref(t))
+        return t
+
+    def quantize(w: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(sum(r() is not None for r in alive))
+        return real_quantize(w, *args, **kwargs)
+
+    monkeypatch.setattr(loading._Reader, "get", get)
+    monkeypatch.setattr(quant, "quantize_nf4", quantize)
+    load(tiny)
+    assert seen == [1] * 8  # 4 projections x 2 layers, each the only dense projection weight in memory
