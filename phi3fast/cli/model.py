@@ -45,9 +45,7 @@ def init_tiny_cmd(
 @main.command()
 @click.argument("prompt")
 @click.option("--model", "model_dir", required=True, help="checkpoint directory or Hub id")
-@click.option(
-    "--adapter", default=None, type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter dir"
-)
+@click.option("--adapter", default=None, help="PEFT LoRA adapter: directory or Hub id")
 @click.option("--system", default=None, help="system message")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=0))
 @click.option(
@@ -89,9 +87,7 @@ def generate(
 
 @main.command()
 @click.option("--model", "model_dir", required=True, help="base checkpoint directory or Hub id")
-@click.option(
-    "--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter"
-)
+@click.option("--adapter", required=True, help="PEFT LoRA adapter: directory or Hub id")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="new checkpoint directory")
 @click.option(
     "--quantize",
