@@ -89,6 +89,13 @@ def _print_results(results: list) -> None:
 @click.option(
     "--embedder", default=None, help="Must be the embedder the index was built with (default: that one)."
 )
+@click.option(
+    "--model", "model_dir", default=None, help="Phi-3 checkpoint: answer from the passages, citing them."
+)
+@click.option(
+    "--adapter", default=None, type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter."
+)
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @user_errors
 def query_cmd(
     question: str | None,
@@ -98,18 +105,57 @@ def query_cmd(
     from_file: Path | None,
     mode: str,
     embedder: str | None,
+    model_dir: str | None,
+    adapter: str | None,
+    max_new_tokens: int,
 ) -> None:
-    """Search an index: hybrid (dense HNSW + BM25, fused by reciprocal rank) by default."""
+    """Search an index: hybrid (dense HNSW + BM25, fused by reciprocal rank) by default.
+
+    With --model (and optionally --adapter) the model answers from the numbered passages and cites them.
+    """
     from phi3fast.rag import Index
 
+    if adapter is not None and model_dir is None:
+        raise Phi3FastError("--adapter needs --model")
     questions = _questions(question, from_file)
     index = Index.open(index_dir, embedder=embedder)
     as_json = as_json or from_file is not None
+    model = None
+    if model_dir is not None:
+        from phi3fast.model import load
+
+        model = load(model_dir, adapter=adapter)
     for q in questions:
         results = index.search(q, k=k, mode=mode)  # the embedder loads once, on the first question
-        if as_json:
-            obj = {"question": q, "results": [r.to_json() for r in results], "answer": None}
-            click.echo(json.dumps(obj, ensure_ascii=False))
-        else:
+        if not as_json:
             click.echo(f"Q: {q}")
+        answer = None if model is None else _answer(model, q, results, max_new_tokens, stream=not as_json)
+        if as_json:
+            obj = {"question": q, "results": [r.to_json() for r in results], "answer": answer}
+            click.echo(json.dumps(obj, ensure_ascii=False))
+        elif model is None:
             _print_results(results)
+
+
+def _answer(model, question: str, results: list, max_new_tokens: int, stream: bool) -> str:  # noqa: ANN001
+    """Generate the cited answer; when streaming, print it as it comes, then the sources under it."""
+    from phi3fast.rag.answer import AnswerConfig, sources_block, stream_answer
+
+    if not results:
+        answer = "No passage in the index matches this question."
+        if stream:
+            click.echo(f"A: {answer}")
+        return answer
+    passages, pieces = stream_answer(model, question, results, AnswerConfig(max_new_tokens=max_new_tokens))
+    out = []
+    if stream:
+        click.echo("A: ", nl=False)
+    for piece in pieces:
+        out.append(piece)
+        if stream:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    answer = "".join(out)
+    if stream:
+        click.echo("\n" + sources_block(passages, answer))
+    return answer

@@ -46,6 +46,10 @@ def canonical_name(name: str | None) -> str:
     return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
+_SHARED: dict[str, Embedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class Embedder:
     """A loaded sentence-transformers model. Thread-safe: one lock around the model (fast tokenizers raise
     'Already borrowed' when two threads use one at once, and torch already uses every core per call)."""
@@ -68,6 +72,16 @@ class Embedder:
         self.max_seq_length = int(self.model.max_seq_length)
         self.tokenizer = self.model.tokenizer
         self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, name: str | None = None) -> Embedder:
+        """One loaded model per name per process: opening several indexes (or running several CLI verbs in one
+        process) loads the weights once. Safe to share: encode() holds the instance's lock."""
+        key = canonical_name(name)
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                _SHARED[key] = cls(key)
+            return _SHARED[key]
 
     @property
     def info(self) -> EmbedderInfo:

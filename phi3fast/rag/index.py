@@ -200,7 +200,7 @@ class Index:
     def embedder(self) -> Embedder:
         with self._embedder_lock:
             if self._embedder is None:
-                emb = Embedder(self.embedder_name)
+                emb = Embedder.shared(self.embedder_name)
                 self._check_embedder(emb)
                 self._embedder = emb
             return self._embedder
@@ -327,7 +327,7 @@ class Index:
                 raise Phi3FastError(
                     f"--overlap must be in [0, chunk_tokens/2) = [0, {chunk_tokens // 2}), got {overlap}"
                 )
-            emb = embedder if isinstance(embedder, Embedder) else Embedder(name)
+            emb = embedder if isinstance(embedder, Embedder) else Embedder.shared(name)
             if chunk_tokens > emb.max_seq_length:
                 # Longer chunks would be silently cut by the model: refuse instead. (Up to the window itself is
                 # fine: each chunk's budget also leaves room for the special tokens and its heading.)
@@ -367,8 +367,10 @@ def _build_generation(
     for stale in out.glob("gen-*"):
         if stale.name.endswith(".tmp") or stale.name >= gen:
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = out / f"{gen}.tmp"
+    # A name of its own per run: a connection of a crashed run that is closed late must never touch our files.
+    tmp = out / f"{gen}.{os.getpid()}-{time.monotonic_ns()}.tmp"
     tmp.mkdir()
+    store = None
     try:
         store = Store(tmp / DB_FILE)
         if fresh:
@@ -469,6 +471,9 @@ def _build_generation(
         os.replace(tmp_manifest, out / MANIFEST)
         _fsync(out)
     except BaseException:
+        if store is not None:  # roll back and close before deleting the files under it
+            store.rollback()
+            store.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     keep = {gen, prev["generation"] if prev else gen}

@@ -121,8 +121,11 @@ class Store:
         self.db.execute("COMMIT")
 
     def rollback(self) -> None:
-        if self.db.in_transaction:
-            self.db.execute("ROLLBACK")
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite3.ProgrammingError:  # already closed: nothing to roll back
+            pass
 
     def file_hashes(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT source, sha256 FROM files"))
