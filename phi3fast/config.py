@@ -55,7 +55,8 @@ class Phi3Config:
     eos_token_id: int | tuple[int, ...] | None = 32000
     pad_token_id: int | None = 32000
     tie_word_embeddings: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # transformers' quantization_config of a bitsandbytes-4bit checkpoint (None for a 16/32-bit one).
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -258,7 +259,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config.json") -> Phi3Con
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=raw.get("pad_token_id"),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        extra={"quantization_config": raw.get("quantization_config")},
+        quantization_config=raw.get("quantization_config"),
     )
 
 

@@ -143,7 +143,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _bnb_4bit(config: Phi3Config, where: Path) -> bool:
-    q = config.extra.get("quantization_config")
+    q = config.quantization_config
     if not q:
         return False
     if q.get("quant_method") != "bitsandbytes" or not q.get("load_in_4bit"):
