@@ -628,11 +628,16 @@ class HnswIndex {
     }
     const Query q = vs_.prepare(v);
     uint32_t cur = greedy_locked(q, static_cast<uint32_t>(entry), top_level, level);
-    for (int l = std::min(level, top_level); l >= 0; --l) {
+    // Search every level top-down first, then link bottom-up: a concurrent reader can only step onto the new
+    // node at level l once its lists below l exist, so it never dead-ends on a half-linked node.
+    const int start = std::min(level, top_level);
+    std::vector<std::vector<Cand>> found(static_cast<size_t>(start) + 1);
+    for (int l = start; l >= 0; --l) {
       search_build(q, cur, l, s);
-      std::vector<Cand> cands(s.top.begin(), s.top.end());
-      cur = connect(id, l, cands, false, s);
+      found[l].assign(s.top.begin(), s.top.end());
+      if (!found[l].empty()) cur = std::min_element(found[l].begin(), found[l].end())->second;
     }
+    for (int l = 0; l <= start; ++l) connect(id, l, found[l], false, s);
     nd[3] = 1;
     if (level > top_level) entry_.store((static_cast<uint64_t>(level + 1) << 32) | id, std::memory_order_release);
   }
