@@ -262,3 +262,17 @@ def test_keyword_search_never_raises_on_user_text(tmp_path: Path, question: str)
     assert [i for i, _ in store.keyword_search("e-042", 5)] == [1]
     assert [i for i, _ in store.identifier_search("what is XR-7731?", 5)] == [1]
     store.close()
+
+
+def test_rrf_fuse_ranks_not_scores() -> None:
+    from phi3fast.rag.index import RRF_K, rrf_fuse
+
+    dense = [(1, 0.99), (2, 0.50), (3, 0.10)]
+    keyword = [(3, 42.0), (2, 1.0)]
+    fused = rrf_fuse(dense, keyword, [])
+    # 3 (ranks 3 and 1) edges out 2 (ranks 2 and 2): 1/63 + 1/61 > 2/62; 1 is in one list only.
+    assert [i for i, _ in fused] == [3, 2, 1]
+    assert fused[0][1] == pytest.approx(1 / (RRF_K + 3) + 1 / (RRF_K + 1))
+    assert fused[1][1] == pytest.approx(2 / (RRF_K + 2))
+    assert fused[2][1] == pytest.approx(1 / (RRF_K + 1))
+    assert rrf_fuse() == []

@@ -94,6 +94,19 @@ class BuildStats:
         return self.chunks_embedded / self.seconds if self.seconds > 0 else 0.0
 
 
+def rrf_fuse(*ranked_lists: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: each id scores sum(1 / (RRF_K + rank)) over the lists holding it; best first.
+
+    Ranks, not scores, are fused, so cosine similarities and BM25 values need no common scale. Ties keep the
+    order of first appearance (dense first), which makes results deterministic.
+    """
+    fused: dict[int, float] = {}
+    for lst in ranked_lists:
+        for r, (cid, _) in enumerate(lst, 1):
+            fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + r)
+    return sorted(fused.items(), key=lambda t: -t[1])
+
+
 def _warn_stderr(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
@@ -251,12 +264,7 @@ class Index:
             ranked = keyword
         else:
             # See "Exact identifiers" in the module docstring: a third ranked list for part numbers and codes.
-            exact = store.identifier_search(question, depth)
-            fused: dict[int, float] = {}
-            for lst in (dense, keyword, exact):
-                for r, (cid, _) in enumerate(lst, 1):
-                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + r)
-            ranked = sorted(fused.items(), key=lambda t: -t[1])
+            ranked = rrf_fuse(dense, keyword, store.identifier_search(question, depth))
         ranked = ranked[:k]
         rows = store.chunks([cid for cid, _ in ranked])
         out = []
