@@ -180,6 +180,14 @@ def load_model(
     with torch.device("meta"):  # no memory until each tensor is read
         model = Phi3ForCausalLM(config)
     linears = model.linears()
+    if quantize == "nf4":
+        # The NF4 kernels tile each row into whole 64-element blocks (all released Phi-3 sizes qualify).
+        odd = sorted({s for lin in linears.values() for s in (lin.in_features, lin.out_features) if s % 64})
+        if odd:
+            raise Phi3FastError(
+                f"{root / 'config.json'}: projection sizes {odd} are not multiples of 64, which NF4 needs; "
+                f"load with quantize=None (--quantize none)"
+            )
     # Dense parameters (embeddings, norms, lm_head) by their shapes; Phi3Linear holds no parameter until loaded.
     expected: dict[str, tuple[int, ...]] = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, lin in linears.items():

@@ -50,6 +50,7 @@ PHI3_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+NF4_BLOCK = 64
 # 256 byte symbols + 3 base specials + 11 added tokens + a few merges: below this a BPE cannot say much.
 MIN_VOCAB = 300
 
@@ -119,6 +120,9 @@ def init_tiny(
     ):
         if value <= 0:
             raise Phi3FastError(f"--{name} must be positive, got {value}")
+    for name, value in (("hidden", hidden), ("intermediate", intermediate)):
+        if value % NF4_BLOCK:  # every projection's sizes must tile into whole NF4 blocks
+            raise Phi3FastError(f"--{name} {value} must be a multiple of {NF4_BLOCK} (the NF4 block size)")
     if hidden % heads or (hidden // heads) % 2:
         raise Phi3FastError(f"--hidden {hidden} must split into --heads {heads} heads of even size (RoPE)")
     if vocab < MIN_VOCAB:

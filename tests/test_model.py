@@ -283,6 +283,25 @@ def test_missing_and_misshapen_tensors(tiny: Path, tmp_path: Path) -> None:
         load(tiny, quantize="int8")
 
 
+def test_nf4_needs_whole_blocks(tiny: Path, tmp_path: Path) -> None:
+    def shrink(sd: dict) -> dict:
+        for k in list(sd):
+            if "gate_up_proj" in k:
+                sd[k] = sd[k][:200].contiguous()  # intermediate 100
+            elif "down_proj" in k:
+                sd[k] = sd[k][:, :100].contiguous()
+        return sd
+
+    path = edit_checkpoint(tiny, tmp_path / "odd", {"intermediate_size": 100}, shrink)
+    with pytest.raises(
+        Phi3FastError, match=r"config.json: projection sizes \[100, 200\] are not multiples of 64"
+    ):
+        load(path)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        assert rel_err(load(path, quantize=None)(ids), hf_model(path)(ids).logits) < REL_TOL[torch.float32]
+
+
 def test_hub_id_offline_without_cache_names_the_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

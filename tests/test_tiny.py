@@ -84,6 +84,8 @@ def test_bad_arguments(tiny: Path, tmp_path: Path) -> None:
         init_tiny(tmp_path / "x", **SIZES, vocab=100)
     with pytest.raises(Phi3FastError, match="--hidden 64 must split into --heads 3"):
         init_tiny(tmp_path / "x", hidden=64, heads=3)
+    with pytest.raises(Phi3FastError, match="--intermediate 100 must be a multiple of 64"):
+        init_tiny(tmp_path / "x", hidden=64, intermediate=100)
     with pytest.raises(Phi3FastError, match="already exists"):
         init_tiny(tiny)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))  # nothing half-written
