@@ -95,17 +95,17 @@ def _matmul_configs() -> list[triton.Config]:
                 {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1
             )
         ]
+    # 64: one NF4 block per K-tile (Phi-3's blocksize), so each row's absmax is loaded once per tile.
+    # 8 warps for the 128-wide tiles: with 4 warps (or a 128x128 tile) the dequantized [BLOCK_N, 32] fp32 halves
+    # push past 255 registers and spill on sm_80 (see `python -m phi3fast.kernels.report`).
     return [
-        # 64: one NF4 block per K-tile (Phi-3's blocksize), so each row's absmax is loaded once per tile.
         triton.Config(
-            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
         ),
         triton.Config(
-            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
         ),
-        triton.Config(
-            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
-        ),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         # Medium M (17..64) and blocksize 32 (BLOCK_K must divide the blocksize).
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
@@ -232,15 +232,7 @@ def _nf4_matmul_small_m_kernel(
 def _weight_args(w: NF4Weight) -> tuple[Tensor, ...]:
     """Pointers the kernels read; without double quant the nested slots get absmax (never read)."""
     if w.double_quant:
-        offset = w.offset if isinstance(w.offset, Tensor) else torch.tensor(float(w.offset))
-        return (
-            w.packed,
-            w.absmax,
-            w.code,
-            w.nested_code,
-            w.nested_absmax,
-            offset.to(w.packed.device, torch.float32),
-        )
+        return (w.packed, w.absmax, w.code, w.nested_code, w.nested_absmax, w.offset)
     return (w.packed, w.absmax, w.code, w.absmax, w.absmax, w.absmax)
 
 
