@@ -59,7 +59,7 @@ class Embedder:
 
         self.name = canonical_name(name)
         try:
-            self.model = SentenceTransformer(_resolve(self.name), device=device or "cpu")
+            self.model = SentenceTransformer(_resolve(self.name), device=device)  # None: CUDA if present
         except Phi3FastError:
             raise
         except Exception as e:  # a missing folder, no network for a hub name, a broken config
