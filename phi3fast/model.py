@@ -130,20 +130,22 @@ class RotaryEmbedding(nn.Module):
             cfg.rope_scaling is not None
             and int(position_ids.max()) + 1 > cfg.original_max_position_embeddings
         )
-        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device, long)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device, long)  # [B, T, D/2]
         scale = cfg.rope_attention_factor
-        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+        return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # transformers computes x * cat(cos, cos) + rotate_half(x) * cat(sin, sin); per half that is
+    # (x1 cos - x2 sin, x2 cos + x1 sin), the same roundings without the negation and the rotate_half copy.
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D] over heads
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    """RoPE with half-width cos/sin [B, T, D/2] (broadcast over heads)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 @dataclass
