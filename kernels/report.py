@@ -1,6 +1,6 @@
 """AOT report: compile every kernel in every launch config for sm_80 and sm_90, offline, and read the cubin.
 
-    python -m phi3fast.kernels.report [--json] [--arch sm_80 --arch sm_90]
+    python -m phi3fast.kernels.report [--json] [--arch sm_80 --arch sm_90] [--match REGEX] [--jobs N]
 
 Rows: kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores, error. No GPU is needed: triton.compile
 targets a GPUTarget, and the cuobjdump bundled with Triton reads the cubin:
@@ -114,9 +114,10 @@ def _compile_one(job: tuple[int, str, str]) -> Row:
     return compile_spec(_SPECS[index], arch, Path(workdir))
 
 
-def run(arches: list[str], jobs: int = 0, progress: bool = True) -> list[Row]:
-    """Compile every spec for every arch; jobs worker processes (0 = one per core). Rows keep the spec order."""
-    _SPECS[:] = collect_specs()
+def run(arches: list[str], jobs: int = 0, match: str | None = None, progress: bool = True) -> list[Row]:
+    """Compile every spec (or those whose "kernel config" matches the regex) for every arch, in `jobs` worker
+    processes (0 = one per core). Rows keep the spec order."""
+    _SPECS[:] = [s for s in collect_specs() if match is None or re.search(match, f"{s.name} {s.config}")]
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--arch", action="append", choices=sorted(ARCHES), help="default: sm_80 and sm_90")
     parser.add_argument("--jobs", type=int, default=0, help="compile processes (default: one per core)")
+    parser.add_argument(
+        "--match", help="only specs whose 'kernel config' matches this regex, e.g. 'bf16,dq=1'"
+    )
     args = parser.parse_args(argv)
-    rows = run(args.arch or sorted(ARCHES), jobs=args.jobs, progress=not args.json)
+    rows = run(args.arch or sorted(ARCHES), jobs=args.jobs, match=args.match, progress=not args.json)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:
