@@ -106,3 +106,25 @@ def test_errors_and_cli(tiny: Path, adapter: Path, tmp_path: Path) -> None:
         main, ["merge", "--model", str(tiny), "--adapter", str(adapter), "--out", str(tmp_path / "cli")]
     )
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_merge_over_a_bnb_4bit_checkpoint(tiny: Path, tmp_path: Path) -> None:
+    """A base saved by transformers + bitsandbytes (4-bit) merges from its stored NF4 data."""
+    import shutil
+
+    from model_helpers import hf_bnb_model
+
+    hf_bnb_model(tiny).save_pretrained(str(tmp_path / "bnb"))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny / f, tmp_path / "bnb" / f)
+    model = load(tmp_path / "bnb")
+    apply_lora(model, LoraConfig(r=2))
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.2)
+    save_adapter(model, tmp_path / "ad")
+    out = merge_adapter(tmp_path / "bnb", tmp_path / "ad", tmp_path / "merged")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ids = torch.randint(0, VOCAB, (1, 13))
+    with torch.no_grad():
+        expected = load(tmp_path / "bnb", adapter=tmp_path / "ad")(ids)
+    assert rel_err(hf_logits(out, ids), expected) < REL_TOL[torch.float32]
