@@ -364,6 +364,11 @@ def test_cli_index_verb(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["index", str(src), "--out", str(out)])  # keeps 64/8 from the manifest
     assert result.exit_code == 0 and "unchanged 1" in result.stdout and "embedded 0 chunks" in result.stdout
     assert json.loads((out / "MANIFEST.json").read_text())["chunk_tokens"] == 64
+    (src / "a.md").unlink()  # nothing left to index: an empty index, searchable, with no results
+    result = CliRunner().invoke(main, ["index", str(src), "--out", str(out)])
+    assert result.exit_code == 0 and "0 chunks from 0 files" in result.stdout and "deleted 1" in result.stdout
+    result = CliRunner().invoke(main, ["query", "QX-1", "--index", str(out), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["results"] == []
 
 
 # -- answers with a model (--model): the tiny model's text is gibberish, so these check the prompt, the

@@ -261,6 +261,9 @@ def test_keyword_search_never_raises_on_user_text(tmp_path: Path, question: str)
     store.identifier_search(question, 5)
     assert [i for i, _ in store.keyword_search("e-042", 5)] == [1]
     assert [i for i, _ in store.identifier_search("what is XR-7731?", 5)] == [1]
+    assert [i for i, _ in store.keyword_search("XR 7731", 5)] == [
+        1
+    ]  # the phrase xr 7731, however it is written
     store.close()
 
 

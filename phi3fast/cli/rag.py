@@ -92,9 +92,7 @@ def _print_results(results: list) -> None:
 @click.option(
     "--model", "model_dir", default=None, help="Phi-3 checkpoint: answer from the passages, citing them."
 )
-@click.option(
-    "--adapter", default=None, type=click.Path(exists=True, file_okay=False), help="PEFT LoRA adapter."
-)
+@click.option("--adapter", default=None, help="PEFT LoRA adapter (directory or Hub id), with --model.")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @user_errors
 def query_cmd(
