@@ -37,6 +37,7 @@ quant_type, blocksize, dtype, shape, nested_blocksize, nested_dtype, nested_offs
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,8 +84,8 @@ SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax in blocks of 256, always
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QS_KEY = "quant_state.bitsandbytes__nf4"
-# Elements per CPU chunk: a multiple of every blocksize; ~16 bytes of temporaries per element -> ~64 MB peak.
-_CPU_CHUNK = 1 << 22
+# Elements per CPU chunk: a multiple of every blocksize; ~14 bytes of temporaries per element -> ~3.5 MB.
+_CPU_CHUNK = 1 << 18
 _LUT_SIZE = 65536  # bitsandbytes' CPU 8-bit quantizer grid
 
 
@@ -191,13 +192,27 @@ class NF4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W as `dtype` [N, K]: code * absmax in fp32, then one rounding to dtype (bit-identical to bitsandbytes'
         dequantize_4bit when dtype is the original dtype)."""
-        values = self.code[self.codes().reshape(-1).long()]
+        n, bs = self.numel, self.blocksize
+        # byte -> (code[high nibble], code[low nibble]) as one 8-byte entry: a 1-D int64 gather decodes two
+        # elements at once (3x faster than gathering [256, 2] rows).
+        pair_table = torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), dim=1)
+        pair_table = pair_table.contiguous().view(torch.int64).view(-1)
         scale = self.real_absmax()
-        pad = self.nblocks * self.blocksize - self.numel
-        if pad:
-            values = torch.nn.functional.pad(values, (0, pad))
-        out = (values.view(self.nblocks, self.blocksize) * scale[:, None]).reshape(-1)[: self.numel]
-        return out.reshape(self.shape).to(dtype)
+        packed = self.packed.view(-1)
+        out = torch.empty(n, dtype=dtype, device=self.device)
+        full_n = n - n % bs
+        chunk = max(_CPU_CHUNK // bs, 1) * bs  # whole blocks, an even count: cache-sized temporaries
+        for start in range(0, full_n, chunk):
+            stop = min(start + chunk, full_n)
+            values = pair_table.index_select(0, packed[start // 2 : stop // 2].int()).view(torch.float32)
+            # fp32 product, rounded once to dtype on the write (mul with a lower-precision out= does that).
+            torch.mul(
+                values.view(-1, bs), scale[start // bs : stop // bs, None], out=out[start:stop].view(-1, bs)
+            )
+        if full_n < n:  # the final partial block: same product, one scale
+            values = pair_table.index_select(0, packed[full_n // 2 :].int()).view(torch.float32)
+            torch.mul(values[: n - full_n], scale[-1], out=out[full_n:])
+        return out.view(self.shape)
 
     def quant_state_json(self) -> dict[str, Any]:
         """The non-tensor part of bitsandbytes' QuantState.as_dict(), in its key order."""
@@ -338,6 +353,14 @@ def quantize_nf4(
         packed, absmax = nf4_quantize_blocks(w, blocksize)
     else:
         packed, absmax = quantize_blocks_torch(w, blocksize)
+    # A NaN or inf makes its whole block NaN (bitsandbytes quantizes it silently); say where instead.
+    bad = torch.nonzero(~torch.isfinite(absmax))
+    if bad.numel():
+        block = w.reshape(-1)[int(bad[0, 0]) * blocksize :][:blocksize]
+        first = int(bad[0, 0]) * blocksize + int(torch.nonzero(~torch.isfinite(block))[0, 0])
+        row, col = divmod(first, w.shape[1])
+        value = w.reshape(-1)[first].item()
+        raise NF4FormatError(f"quantize_nf4: w[{row}, {col}] is {value}; NaN and inf cannot be quantized")
 
     code = NF4_CODE.to(w.device)
     shape = (w.shape[0], w.shape[1])
@@ -360,33 +383,79 @@ def quantize_nf4(
 
 
 def quantize_blocks_torch(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes uint8 [ceil(n/2), 1] and fp32 absmax [nblocks], in chunks of whole blocks to bound memory."""
+    """Packed codes uint8 [ceil(n/2), 1] and fp32 absmax [nblocks] of W (any shape), bitsandbytes' rounding.
+
+    Works through W in chunks of whole blocks (_CPU_CHUNK elements: the temporaries stay in L2, and peak memory
+    stays a few MB above the output whatever the size of W).
+    """
     flat = w.reshape(-1)
     n = flat.numel()
     nblocks = -(-n // blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+    out = packed.view(-1)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
-    bounds = NF4_BOUNDS.to(w.device)
-    chunk = max(_CPU_CHUNK // blocksize, 1) * blocksize  # whole blocks, an even count, per chunk
-    for start in range(0, n, chunk):
-        x = flat[start : start + chunk].float()
-        full = x.numel() - x.numel() % blocksize
-        b0 = start // blocksize
-        blocks = x[:full].view(-1, blocksize)
-        am = blocks.abs().amax(dim=1)
-        absmax[b0 : b0 + am.numel()] = am
-        # Multiply by the rounded reciprocal (bitsandbytes does); clamp(min=1e-38) keeps all-zero blocks at 0.
-        scaled = (blocks * (1.0 / am.clamp(min=1e-38))[:, None]).clamp_(-1, 1).reshape(-1)
-        if full < x.numel():  # the final partial block: bitsandbytes divides here instead
-            tail = x[full:]
-            am_tail = tail.abs().max().clamp(min=1e-38)
-            absmax[-1] = am_tail  # bnb stores the clamped value for this block only
-            scaled = torch.cat((scaled, (tail / am_tail).clamp_(-1, 1)))
+    full_n = n - n % blocksize
+    chunk = max(_CPU_CHUNK // blocksize, 1) * blocksize  # whole blocks, an even count
+    for start in range(0, full_n, chunk):
+        blocks = flat[start : min(start + chunk, full_n)].float().view(-1, blocksize)
+        am = blocks.abs().amax(dim=1)  # (torch.aminmax over dim=1 is ~9x slower on CPU)
+        absmax[start // blocksize : start // blocksize + am.numel()] = am
+        # Multiply by the rounded reciprocal, as bitsandbytes does; clamp(min=1e-38) keeps all-zero blocks at 0.
+        scaled = torch.mul(blocks, (1.0 / am.clamp_(min=1e-38))[:, None]).clamp_(-1, 1)
+        out[start // 2 : start // 2 + scaled.numel() // 2] = _pack_pairs(_nf4_codes(scaled.view(-1)))
+    if full_n < n:  # the final partial block: bitsandbytes divides here instead, and keeps the clamped absmax
+        tail = flat[full_n:].float()
+        am_tail = tail.abs().max().clamp(min=1e-38)
+        absmax[-1] = am_tail
+        scaled = (tail / am_tail).clamp_(-1, 1)
         if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad nibble is the code of 0.0, as in bnb
-        q = torch.bucketize(scaled, bounds, right=False, out_int32=True).to(torch.uint8).view(-1, 2)
-        packed[start // 2 : start // 2 + q.shape[0], 0] = (q[:, 0] << 4) | q[:, 1]
+            scaled = torch.nn.functional.pad(
+                scaled, (0, 1)
+            )  # the pad nibble is the code of 0.0 (7), as in bnb
+        out[full_n // 2 :] = _pack_pairs(_nf4_codes(scaled.view(-1)))
     return packed, absmax
+
+
+def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """uint8 codes of values in [-1, 1]: how many codebook midpoints lie strictly below each (ties round down).
+
+    Exact table lookup on the top 16 bits of the fp32 pattern (sign, exponent, 7 mantissa bits): all floats with
+    the same top bits form one interval, which holds at most one midpoint, so code = base[key] + (x > mid[key]).
+    Two gathers and a compare cost ~4x less than 15 compare-and-add passes and ~15x less than torch.bucketize.
+    """
+    base, mid = _code_tables(scaled.device)
+    key = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
+    codes = base.index_select(0, key.view(-1)).view(scaled.shape)
+    codes += scaled > mid.index_select(0, key.view(-1)).view(scaled.shape)
+    return codes
+
+
+_CODE_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _CODE_TABLES:
+        top = (
+            torch.arange(65536, dtype=torch.int32) << 16
+        )  # wraps to the sign bit for keys >= 2**15, as wanted
+        ends = torch.stack((top.view(torch.float32), (top | 0xFFFF).view(torch.float32)))
+        ends = ends.nan_to_num(0.0, 0.0, 0.0).clamp(-1, 1)  # inf/NaN patterns never occur in clamped values
+        lo, hi = torch.bucketize(ends.amin(0), NF4_BOUNDS), torch.bucketize(ends.amax(0), NF4_BOUNDS)
+        assert int((hi - lo).max()) <= 1, "a 16-bit bucket straddles two NF4 midpoints"
+        mid = torch.where(hi > lo, NF4_BOUNDS[lo.clamp(max=14)], torch.tensor(2.0))  # 2.0: never exceeded
+        _CODE_TABLES[device] = (lo.to(torch.uint8).to(device), mid.to(device))
+    return _CODE_TABLES[device]
+
+
+def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """[2n] uint8 codes -> [n] bytes, code 2i in the high nibble and 2i + 1 in the low one."""
+    if (
+        sys.byteorder == "little"
+    ):  # one int16 lane holds the pair (2i in its low byte): 4x faster than strided
+        pairs = codes.view(torch.int16)
+        return ((pairs << 4) | (pairs >> 8)).to(torch.uint8)
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
 def _quantize_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

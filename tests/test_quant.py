@@ -229,7 +229,7 @@ def test_aot_specs_cover_every_launch() -> None:
 
 
 def test_storage_at_most_4_13_bits_per_parameter() -> None:
-    w = torch.randn(3072, 3072, dtype=torch.bfloat16)  # a Phi-3-mini o_proj
+    w = torch.randn(1536, 3072, dtype=torch.bfloat16)  # half a Phi-3-mini o_proj
     bits = 8 * quantize_nf4(w).nbytes / w.numel()
     assert 4.12 < bits <= 4.13
     assert 8 * quantize_nf4(w[:64], double_quant=False).nbytes / (64 * 3072) > 4.5  # fp32 absmax: 4.5 bits
@@ -374,6 +374,8 @@ def test_quant_storage_bf16_reads_the_same_bytes() -> None:
         (torch.randn(4, 64), {"blocksize": 48}, "blocksize"),
         (torch.randn(4, 64), {"backend": "cuda"}, "backend"),
         ([[1.0, 2.0]], {}, "torch.Tensor"),
+        (torch.randn(4, 64).index_fill_(0, torch.tensor([2]), float("nan")), {}, r"w\[2, 0\] is nan"),
+        (torch.randn(3, 50).index_fill_(0, torch.tensor([2]), float("inf")), {}, r"w\[2, 0\] is inf"),
     ],
 )
 def test_bad_inputs(w: object, kwargs: dict, match: str) -> None:
