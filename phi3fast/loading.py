@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from phi3fast.config import Phi3Config, load_config
 from phi3fast.errors import Phi3FastError
@@ -219,7 +220,9 @@ def load_model(
 
     with ExitStack() as stack:
         reader = _Reader(files, stack)
-        for name, shape in expected.items():
+        # Progress on a terminal only (disable=None): a real Phi-3 takes minutes to quantize on CPU.
+        bar = tqdm(expected.items(), desc=f"loading {root.name}", unit="tensor", disable=None, leave=False)
+        for name, shape in bar:
             key = ckpt_key(name)
             lin = linears.get(name.removesuffix(".weight"))
             if lin is not None and bnb:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from phi3fast.errors import Phi3FastError
 from phi3fast.loading import load_model, weight_files
@@ -68,7 +69,7 @@ def merge_adapter(
 
     def merged() -> Iterator[tuple[str, Tensor]]:
         # One tensor at a time, so peak memory is the NF4 model plus one shard, not the merged model.
-        for name, lin in linears.items():
+        for name, lin in tqdm(linears.items(), desc="merging", unit="linear", disable=None, leave=False):
             w = lin.dense_weight(torch.float32)
             if lin.lora_A is not None:
                 w = w + lin.lora_scale * (lin.lora_B.detach().float() @ lin.lora_A.detach().float())
