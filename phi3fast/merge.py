@@ -59,7 +59,9 @@ def merge_adapter(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise Phi3FastError(f"{out}: already exists and is not an empty directory")
     # fp32 compute so the delta is added before any rounding to the output dtype.
-    model = load_model(model_dir, adapter=adapter_dir, dtype=torch.float32, device="cpu", quantize=quantize)
+    # On CUDA when there is one (quantizing and dequantizing a real Phi-3 is much faster there); tensors are
+    # moved to the host one at a time for writing.
+    model = load_model(model_dir, adapter=adapter_dir, dtype=torch.float32, quantize=quantize)
     root = model.model_dir
     assert root is not None
     raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
@@ -73,13 +75,13 @@ def merge_adapter(
             w = lin.dense_weight(torch.float32)
             if lin.lora_A is not None:
                 w = w + lin.lora_scale * (lin.lora_B.detach().float() @ lin.lora_A.detach().float())
-            yield f"model.{name}.weight", w.to(dtype)
+            yield f"model.{name}.weight", w.to(dtype).cpu()
         for name, p in model.named_parameters():
             if name.rpartition(".")[0] in linears or (
                 name == "lm_head.weight" and raw.get("tie_word_embeddings")
             ):
                 continue  # base/LoRA weights of the projections (merged above); a tied lm_head is not stored
-            yield (name if name.startswith("lm_head.") else f"model.{name}"), p.detach().to(dtype)
+            yield (name if name.startswith("lm_head.") else f"model.{name}"), p.detach().to(dtype).cpu()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
