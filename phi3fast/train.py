@@ -446,11 +446,9 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
             if log is not None:
                 log.write(metrics)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_value:.4f}",
-                tok_s=f"{metrics['tokens_per_s']:.0f}",
-                mem=f"{metrics['peak_mem_bytes'] / 2**30:.2f}G",
-            )
+            postfix = {"loss": f"{loss_value:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}",
+                       "mem": f"{metrics['peak_mem_bytes'] / 2**30:.2f}G"}  # fmt: skip
+            bar.set_postfix(ordered_dict=postfix)  # tqdm adds the ETA
             if on_step is not None:
                 on_step(step, metrics)
             stop = distributed.any_rank(signals.caught is not None, dd.device)

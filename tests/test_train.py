@@ -17,7 +17,7 @@ import torch
 
 from phi3fast.checkpoint import latest_checkpoint, verify
 from phi3fast.errors import Phi3FastError
-from phi3fast.train import LossScaler, TrainConfig, lr_at, resolve_dtype, train
+from phi3fast.train import DataOrder, LossScaler, TrainConfig, lr_at, resolve_dtype, train
 
 DATA = Path(__file__).parent / "data"
 MEMORIZE = DATA / "train_memorize.jsonl"
@@ -102,6 +102,26 @@ def test_grad_accum_equals_one_big_batch(tiny, tmp_path, packing):
     for other in runs[1:]:
         assert other == pytest.approx(runs[0], rel=2e-5, abs=1e-6)
     assert runs[0][-1] < runs[0][0]
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny, tmp_path):
+    plain = train(config(tiny, tmp_path / "plain", max_steps=3))
+    ckpt = train(config(tiny, tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True))
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def test_data_order_is_seeded_epochs_of_permutations():
+    a = DataOrder(6, seed=1)
+    two_epochs = a.rows(0, 12)
+    assert sorted(two_epochs[:6]) == list(range(6)) and sorted(two_epochs[6:]) == list(range(6))
+    assert two_epochs[:6] != two_epochs[6:]  # reshuffled per epoch
+    assert DataOrder(6, seed=1).rows(4, 5) == two_epochs[4:9]  # a pure function of the position (resume)
+    assert DataOrder(6, seed=2).rows(0, 6) != two_epochs[:6]
+
+
+def test_epochs_set_the_step_count(tiny, tmp_path):
+    res = train(config(tiny, tmp_path, max_steps=None, epochs=1.5, batch_size=2, grad_accum=2))
+    assert res.steps == 3  # ceil(1.5 * 6 rows / 4 rows per step)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
@@ -232,11 +252,15 @@ def test_cli_sigterm_saves_a_checkpoint_that_resumes(tiny, tmp_path):
 
     # --resume picks it up: the next logged step is the one after the checkpoint.
     def stop_now(step: int, _: dict) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C takes the same path
 
     cfg = config(tiny, out, max_steps=100000, resume=True)
     res = train(cfg, on_step=stop_now)
-    assert res.steps == stopped + 1 and [r["step"] for r in metrics(out)] == list(range(1, stopped + 2))
+    assert (
+        res.interrupted == "SIGINT"
+        and res.steps == stopped + 1
+        and [r["step"] for r in metrics(out)] == list(range(1, stopped + 2))
+    )
 
 
 def test_cli_bad_row_is_one_line_exit_2(tmp_path):

@@ -34,7 +34,7 @@ def test_two_gloo_processes_equal_grad_accum_2(tiny, tmp_path, packing):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in OPTS.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "phi3fast", "train", "--model", str(tiny), "--data", str(DATA), "--out", str(ddp_out),
-           "--dtype", "fp32", "--save-every", "2", "--no-progress", *args, *(["--packing"] if packing else [])]  # fmt: skip
+           "--dtype", "fp32", "--save-every", "2", "--no-progress", "--eval-data", str(DATA), "--eval-every", "2", *args, *(["--packing"] if packing else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,7 +43,8 @@ def test_two_gloo_processes_equal_grad_accum_2(tiny, tmp_path, packing):
     torch.set_num_threads(1)
     try:
         one = train(TrainConfig(model=str(tiny), data=str(DATA), out=str(one_out), dtype="fp32", save_every=0,
-                                grad_accum=2, packing=packing, progress=False, **OPTS))  # fmt: skip
+                                grad_accum=2, packing=packing, progress=False, eval_data=str(DATA), eval_every=2,
+                                **OPTS))  # fmt: skip
     finally:
         torch.set_num_threads(old)
 
@@ -51,8 +52,13 @@ def test_two_gloo_processes_equal_grad_accum_2(tiny, tmp_path, packing):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 alone writes, once per step
     ddp_losses = [r["loss"] for r in rows]
     assert ddp_losses == pytest.approx(one.losses, rel=1e-5)
-    # Same global batch per step: the token counts agree exactly.
+    # Eval rows are sharded across the ranks; the all-reduced mean is the single process's.
     one_rows = [json.loads(line) for line in (one_out / "metrics.jsonl").read_text().splitlines()]
+    ddp_eval = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    one_eval = {r["step"]: r["eval_loss"] for r in one_rows if "eval_loss" in r}
+    assert ddp_eval.keys() == one_eval.keys() == {2, 4}
+    assert list(ddp_eval.values()) == pytest.approx(list(one_eval.values()), rel=1e-5)
+    # Same global batch per step: the token counts agree exactly.
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in one_rows]
     # The gradients (all-reduced sums) drove the same updates: the trained adapters agree.
     a = load_file(str(ddp_out / "adapter_model.safetensors"))
