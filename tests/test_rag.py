@@ -483,3 +483,24 @@ def test_cli_query_with_model(built: tuple[Index, list[str]], tiny_model_dir: Pa
     assert obj["answer"] in out  # greedy: the streamed text and the JSON answer are the same
     result = CliRunner().invoke(main, ["query", "x", "--index", str(index.path), "--adapter", str(tmp_path)])
     assert result.exit_code == 2 and "--adapter needs --model" in result.stderr
+
+
+def test_unreadable_file_is_skipped_with_a_warning(
+    tmp_path: Path, emb: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "ok.md").write_text("# OK\n\nPart QX-2 is fine.\n")
+    (src / "locked.md").write_text("# Locked\n\nSecret.\n")
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:  # root ignores chmod, so simulate the permission error
+        if self.name == "locked.md":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    warnings: list[str] = []
+    index = Index.build([src], tmp_path / "idx", embedder=emb, progress=False, warn=warnings.append)
+    assert warnings == [f"{src / 'locked.md'}: skipped: unreadable (Permission denied)"]
+    assert index.build_stats.files_skipped == 1 and len(index) == 1

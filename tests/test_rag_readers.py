@@ -209,12 +209,12 @@ def test_iter_files_relative_sources_hidden_and_collisions(tmp_path: Path) -> No
     (tmp_path / "a" / "image.png").write_bytes(b"\x89PNG")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.md").write_text("other x")
-    found = list(iter_files([tmp_path / "a"], print))
+    found = list(iter_files([tmp_path / "a"]))
     assert [s for _, s in found] == ["sub/y.txt", "x.md"]
     with pytest.raises(Phi3FastError, match="same source path 'x.md'"):
-        list(iter_files([tmp_path / "a", tmp_path / "b"], print))
+        list(iter_files([tmp_path / "a", tmp_path / "b"]))
     with pytest.raises(Phi3FastError, match="no such file"):
-        list(iter_files([tmp_path / "missing"], print))
+        list(iter_files([tmp_path / "missing"]))
 
 
 def test_identifiers_and_safe_fts_queries() -> None:

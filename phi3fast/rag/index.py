@@ -405,8 +405,13 @@ def _build_generation(
             room = emb.max_seq_length - 2 - (emb.count_tokens(heading) + 1 if heading else 0)
             return max(config["overlap"] + 8, min(config["chunk_tokens"], room))
 
-        for path, source in iter_files(roots, warn):
-            data = path.read_bytes()
+        for path, source in iter_files(roots):
+            try:
+                data = path.read_bytes()
+            except OSError as e:  # permissions, a file removed mid-run: skip it like any unusable file
+                warn(f"{path}: skipped: unreadable ({e.strerror or e})")
+                skipped += 1
+                continue
             sha = hashlib.sha256(data).hexdigest()
             if old.get(source) == sha:
                 seen.add(source)

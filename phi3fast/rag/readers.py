@@ -15,7 +15,7 @@ import codecs
 import html.parser
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +189,7 @@ def read_documents(path: Path, source: str) -> list[Document]:
     return [Document(source, text, markup)]
 
 
-def iter_files(roots: list[Path], warn: Callable[[str], None]) -> Iterator[tuple[Path, str]]:
+def iter_files(roots: list[Path]) -> Iterator[tuple[Path, str]]:
     """(path, source) for each indexable file under the roots; source is relative to the root it was found in.
 
     A directory root is walked (hidden files and folders skipped; unsupported suffixes ignored); a file root is
