@@ -51,8 +51,8 @@ PHI3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 NF4_BLOCK = 64
-# 256 byte symbols + 3 base specials + 11 added tokens + a few merges: below this a BPE cannot say much.
-MIN_VOCAB = 300
+# The smallest vocabulary: 256 byte symbols + <unk> <s> </s> + Phi-3's 11 added tokens (then no merges at all).
+MIN_VOCAB = 256 + len(BASE_SPECIALS) + len(PHI3_ADDED)
 
 
 def train_tokenizer(vocab: int):  # -> tokenizers.Tokenizer
