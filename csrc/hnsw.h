@@ -58,7 +58,7 @@ class HnswIndex {
     payload_off_ = links0_bytes_;
     label_off_ = payload_off_ + vs_.payload_bytes();
     node_bytes_ = label_off_ + 8;
-    prefetch_lines_ = std::min<size_t>(16, (vs_.payload_bytes() + 63) / 64);
+    prefetch_lines_ = std::min<size_t>(32, (vs_.payload_bytes() + 63) / 64);
     allocate(max_elements);
   }
   ~HnswIndex() {
