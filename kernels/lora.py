@@ -186,7 +186,8 @@ class LoraLinearFunction(torch.autograd.Function):
         n = w.shape[0]
         x2 = as_rows(x)
         xl2 = x2 if x_lora is None else as_rows(x_lora)
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # fp32 adapters over bf16 activations: compute in bf16
+        # fp32 adapters over bf16 activations: compute in bf16; contiguous because the kernels assume unit stride.
+        a, b = lora_a.to(x.dtype).contiguous(), lora_b.to(x.dtype).contiguous()
         t = xl2 @ a.t()
         if backend == "torch":
             out = reference.base_plus_lora(x2, w, t, b, scale)
@@ -202,7 +203,7 @@ class LoraLinearFunction(torch.autograd.Function):
         need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
         scale, lead = ctx.scale, grad_out.shape[:-1]
         g2 = as_rows(grad_out)
-        a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
+        a, b = lora_a.to(g2.dtype).contiguous(), lora_b.to(g2.dtype).contiguous()
         u = g2 @ b if (need_x and ctx.same) or need_xl or need_a else None
         dx = dxl = da = db = None
         if need_x:
@@ -236,7 +237,7 @@ def lora_linear(
             raise reference.Phi3FastError(f"dense w of shape {tuple(w.shape)}: expected (N, K)")
         n, k = w.shape
         reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
-        reference.resolve_backend(backend, x.device)  # still reject a bad backend name
+        reference.resolve_backend(backend, x.device, x.dtype, gemm=False)  # still reject a bad backend name
         xl = x if x_lora is None else x_lora
         lora = torch.nn.functional.linear(
             torch.nn.functional.linear(xl, lora_a.to(x.dtype)), lora_b.to(x.dtype)
@@ -244,7 +245,7 @@ def lora_linear(
         return torch.nn.functional.linear(x, w.detach().to(x.dtype)) + scale * lora
     n, k = reference.check_weight(w)
     reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
-    resolved = reference.resolve_backend(backend, x.device)
+    resolved = reference.resolve_backend(backend, x.device, x.dtype)
     return LoraLinearFunction.apply(x, x_lora, lora_a, lora_b, w, float(scale), resolved)
 
 

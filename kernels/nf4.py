@@ -365,7 +365,7 @@ def as_rows(x: Tensor) -> Tensor:
 def nf4_dequantize(w: NF4Weight, dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> Tensor:
     """W [N, K] in dtype."""
     reference.check_weight(w)
-    if reference.resolve_backend(backend, w.packed.device) == "torch":
+    if reference.resolve_backend(backend, w.packed.device, dtype, gemm=False) == "torch":
         return reference.dequantize(w, dtype)
     return dequantize_triton(w, dtype)
 
@@ -374,14 +374,14 @@ def nf4_matmul(x: Tensor, w: NF4Weight, backend: str = "auto") -> Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype, fp32 accumulation."""
     n, k = reference.check_weight(w)
     reference.check_input(x, k)
-    if reference.resolve_backend(backend, x.device) == "torch":
+    if reference.resolve_backend(backend, x.device, x.dtype) == "torch":
         return reference.nf4_matmul(x, w)
     return matmul_triton(as_rows(x), w).view(*x.shape[:-1], n)
 
 
 # ---- AOT specs ---------------------------------------------------------------------------------------------------
 
-_DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
+_DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}  # reference.GPU_DTYPES: the activations Triton GEMMs run with
 
 
 def _weight_signature(double_quant: bool) -> dict[str, str]:
@@ -399,11 +399,13 @@ def aot_specs() -> list[AotSpec]:
     """Every (dtype, double quant, LoRA epilogue, tile config) the launchers can run on a GPU."""
     specs = []
     for dq in (True, False):
-        for dname, ptr in _DTYPES.items():
+        for dname, ptr in {**_DTYPES, "fp32": "*fp32"}.items():  # nf4_dequantize may also write fp32
             sig = {**_weight_signature(dq), "out_ptr": ptr, "n_bytes": "i32", "blocksize": "i32"}
             sig = {k: sig[k] for k in _nf4_dequant_kernel.arg_names if k in sig}
             specs.append(AotSpec(_nf4_dequant_kernel, "nf4_dequant", f"{dname},dq={int(dq)},BLOCK=1024", sig,
                                  {"DOUBLE_QUANT": dq, "BLOCK": 1024}, num_warps=8, num_stages=1))  # fmt: skip
+            if dname == "fp32":
+                continue
             for lora in (False, True):
                 common = {
                     "x_ptr": ptr, **_weight_signature(dq), "t_ptr": ptr, "b_ptr": ptr, "lora_scale": "fp32",

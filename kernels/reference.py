@@ -20,17 +20,37 @@ if TYPE_CHECKING:
 BACKENDS = ("auto", "triton", "torch")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA, 'torch' elsewhere. 'triton' off CUDA needs Triton's interpreter."""
+GPU_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+)  # the activation dtypes the Triton GEMMs are built for (and AOT-checked)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, *, gemm: bool = True) -> str:
+    """'torch' or 'triton' for an op on `device` with data of `dtype` (activations of a GEMM if `gemm`).
+
+    'auto': Triton on CUDA (GEMMs: fp16/bf16 only), else the torch reference (fp32 GEMMs on CUDA included).
+    'triton' off CUDA runs Triton's interpreter, which must be on and mis-rounds bf16 (no bf16 there)."""
     if backend not in BACKENDS:
         raise Phi3FastError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
+    gemm_ok = not gemm or dtype in GPU_DTYPES
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton" if device.type == "cuda" and gemm_ok else "torch"
+    if backend == "torch":
+        return backend
+    if device.type == "cuda":
+        if not gemm_ok:
+            raise Phi3FastError(f"backend='triton' on CUDA takes fp16 or bf16 activations, got {dtype}; use "
+                                "backend='auto' (runs the torch path) or cast the input")  # fmt: skip
+        return backend
+    if os.environ.get("TRITON_INTERPRET") != "1":
         raise Phi3FastError(
             f"backend='triton' on a {device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
             "before phi3fast.kernels is imported, or use backend='auto'"
         )
+    if dtype == torch.bfloat16:
+        raise Phi3FastError("backend='triton' on CPU runs Triton's interpreter, which cannot compute in bf16; "
+                            "use fp32/fp16 or backend='torch'")  # fmt: skip
     return backend
 
 
@@ -73,29 +93,84 @@ def check_lora(x: Tensor, n: int, k: int, lora_a: Tensor, lora_b: Tensor, x_lora
 
 
 # ---- NF4 math ---------------------------------------------------------------------------------------------------
+# The CPU runtime path: W is decoded in chunks of CHUNK_ELEMENTS weights and each chunk is used right away, so a
+# matmul never holds a full dequantized copy of W (a Phi-3 gate_up is 50M weights: 200 MB in fp32) and the fp32
+# temporary stays cache-sized. Each weight is decoded exactly once per op. Decoding uses a 256-entry table from a
+# packed byte to its two code values: one gather per byte instead of unpacking nibbles. Products are
+# code * absmax in fp32, then one rounding to the dtype: bit-identical to bitsandbytes.
+
+CHUNK_ELEMENTS = 1 << 22  # 4M weights: a 16 MB fp32 temporary per chunk
+
+
+def _decoder(w: NF4Weight) -> tuple[Tensor, Tensor, Tensor]:
+    """(byte -> (code[hi], code[lo]) table [256, 2], absmax [N, K/blocksize] fp32, packed [N, K/2])."""
+    n, k = check_weight(w)
+    byte = torch.arange(256, device=w.code.device)
+    lut = torch.stack((w.code[byte >> 4], w.code[byte & 15]), dim=1).float()
+    return lut, w.real_absmax().float().view(n, k // w.blocksize), w.packed.view(n, k // 2)
+
+
+def dequantize_tile(w: NF4Weight, decoder: tuple[Tensor, Tensor, Tensor], rows: slice, cols: slice,
+                    dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """W[rows, cols] in dtype; cols start and stop on blocksize boundaries."""
+    lut, absmax, packed = decoder
+    bs = w.blocksize
+    p = packed[rows, cols.start // 2 : cols.stop // 2]
+    vals = lut.index_select(0, p.reshape(-1).int()).view(p.shape[0], -1, bs)
+    vals = vals * absmax[rows, cols.start // bs : cols.stop // bs, None]
+    return vals.view(p.shape[0], -1).to(dtype)
+
+
+def _row_chunks(n: int, k: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // k)
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _col_chunks(n: int, k: int, bs: int) -> list[slice]:
+    step = max(bs, CHUNK_ELEMENTS // n // bs * bs)
+    return [slice(s, min(s + step, k)) for s in range(0, k, step)]
 
 
 def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W [N, K] in dtype: code * absmax in fp32, then one rounding (NF4Weight.dequantize, bitsandbytes' order)."""
-    check_weight(w)
-    return w.dequantize(dtype)
+    """W [N, K] in dtype."""
+    n, k = check_weight(w)
+    dec = _decoder(w)
+    out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
+    for rows in _row_chunks(n, k):
+        out[rows] = dequantize_tile(w, dec, rows, slice(0, k), dtype)
+    return out
+
+
+def _matmul_rows(x2: Tensor, w: NF4Weight) -> Tensor:
+    """x2 [M, K] @ W^T, one chunk of output columns (rows of W) at a time."""
+    n, k = w.shape
+    dec = _decoder(w)
+    out = x2.new_empty((x2.shape[0], n))
+    for rows in _row_chunks(n, k):
+        out[:, rows] = x2 @ dequantize_tile(w, dec, rows, slice(0, k), x2.dtype).t()
+    return out
 
 
 def nf4_matmul(x: Tensor, w: NF4Weight) -> Tensor:
     """x @ W^T in x's dtype (CPU bf16 matmuls accumulate in fp32 inside oneDNN)."""
     n, k = check_weight(w)
     check_input(x, k)
-    return x @ dequantize(w, x.dtype).t()
+    return _matmul_rows(x.reshape(-1, k), w).view(*x.shape[:-1], n)
 
 
 def base_plus_lora(x2: Tensor, w: NF4Weight, t: Tensor, b: Tensor, scale: float) -> Tensor:
     """x2 W^T + scale * t B^T for x2 [M, K], t = x_lora A^T [M, r] (the LoRA forward's two GEMMs)."""
-    return (x2 @ dequantize(w, x2.dtype).t()).addmm_(t, b.t(), alpha=scale)
+    return _matmul_rows(x2, w).addmm_(t, b.t(), alpha=scale)
 
 
 def lora_dx(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
-    """dY W (+ scale * u A with u = dY B, when x_lora is x): the LoRA backward's input gradient."""
-    dx = g2 @ dequantize(w, g2.dtype)
+    """dY W (+ scale * u A with u = dY B, when x_lora is x): the LoRA backward's input gradient, one chunk of
+    output columns (columns of W) at a time, so every sum over N happens inside one matmul."""
+    n, k = w.shape
+    dec = _decoder(w)
+    dx = g2.new_empty((g2.shape[0], k))
+    for cols in _col_chunks(n, k, w.blocksize):
+        dx[:, cols] = g2 @ dequantize_tile(w, dec, slice(0, n), cols, g2.dtype)
     if lora is not None:
         u, a, scale = lora
         dx.addmm_(u, a, alpha=scale)

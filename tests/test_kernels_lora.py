@@ -104,32 +104,48 @@ def test_only_adapters_trainable() -> None:
 
 @pytest.mark.parametrize("path", ["fused", "dequant"])
 def test_dequantize_once_per_pass(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    """The fused kernels never materialize W; the dequant + matmul path dequantizes once in the forward and once
-    in the backward (dX), never twice. The torch path likewise, once per pass."""
-    w = quantize_nf4(torch.randn(64, 128))
-    calls = {"triton": 0, "torch": 0}
-    real_triton, real_torch = nf4.dequantize_triton, reference.dequantize
+    """The fused kernels never materialize W; the dequant + matmul path dequantizes it once in the forward and
+    once in the backward (dX), never twice. The torch path decodes each weight once per pass (in chunks)."""
+    n, k = 64, 128
+    w = quantize_nf4(torch.randn(n, k))
+    calls = {"triton": 0, "torch_elements": 0}
+    real_triton, real_tile = nf4.dequantize_triton, reference.dequantize_tile
 
     def count_triton(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls["triton"] += 1
         return real_triton(*args, **kwargs)
 
-    def count_torch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls["torch"] += 1
-        return real_torch(*args, **kwargs)
+    def count_tile(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = real_tile(*args, **kwargs)
+        calls["torch_elements"] += out.numel()
+        return out
 
     monkeypatch.setattr(nf4, "dequantize_triton", count_triton)
-    monkeypatch.setattr(reference, "dequantize", count_torch)
+    monkeypatch.setattr(reference, "dequantize_tile", count_tile)
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2048)  # several chunks per pass
     monkeypatch.setattr(nf4, "LARGE_M_PATH", path)
-    x = torch.randn(40, 128, requires_grad=True)
-    a = torch.randn(4, 128, requires_grad=True)
-    b = torch.randn(64, 4, requires_grad=True)
+    x = torch.randn(40, k, requires_grad=True)
+    a = torch.randn(4, k, requires_grad=True)
+    b = torch.randn(n, 4, requires_grad=True)
     y = lora_linear(x, w, a, b, 1.0, backend="triton")
     assert calls["triton"] == (1 if path == "dequant" else 0)
     y.sum().backward()
-    assert calls["triton"] == (2 if path == "dequant" else 0) and calls["torch"] == 0
-    lora_linear(x, w, a, b, 1.0, backend="torch").sum().backward()
-    assert calls["torch"] == 2
+    assert calls["triton"] == (2 if path == "dequant" else 0) and calls["torch_elements"] == 0
+    y = lora_linear(x, w, a, b, 1.0, backend="torch")
+    assert calls["torch_elements"] == n * k
+    y.sum().backward()
+    assert calls["torch_elements"] == 2 * n * k
+
+
+def test_torch_path_chunks_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked decoding (rows for the forward, columns for dX) equals the one-shot dequantized weight exactly."""
+    w = quantize_nf4(torch.randn(192, 256))
+    x, g = torch.randn(5, 256), torch.randn(5, 192)
+    whole = (reference.nf4_matmul(x, w), reference.lora_dx(g, w, None))
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 4096)  # 16 row chunks, 4 column chunks of 64
+    for got, want in zip((reference.nf4_matmul(x, w), reference.lora_dx(g, w, None)), whole, strict=True):
+        assert_close(got, want, torch.float32)
+    assert torch.equal(reference.dequantize(w, torch.bfloat16), w.dequantize(torch.bfloat16))
 
 
 def test_matches_peft() -> None:

@@ -154,6 +154,10 @@ def test_bad_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     w = quantize_nf4(torch.randn(64, 128))
     with pytest.raises(Phi3FastError, match="backend='cuda': expected one of"):
         nf4_matmul(torch.randn(2, 128), w, backend="cuda")
+    with pytest.raises(Phi3FastError, match="interpreter, which cannot compute in bf16"):
+        nf4_matmul(torch.randn(2, 128).bfloat16(), w, backend="triton")
+    with pytest.raises(Phi3FastError, match="interpreter, which cannot compute in bf16"):
+        nf4_dequantize(w, torch.bfloat16, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(Phi3FastError, match="needs Triton's interpreter"):
         nf4_matmul(torch.randn(2, 128), w, backend="triton")
@@ -185,3 +189,13 @@ def test_matmul_cuda(m: int, dtype: torch.dtype) -> None:
     expected = x.float() @ w.dequantize(dtype).float().t()
     assert_close(nf4_matmul(x, w), expected, dtype)
     assert torch.equal(nf4_dequantize(w, dtype), w.dequantize(dtype))
+
+
+@pytest.mark.gpu
+def test_fp32_on_cuda() -> None:
+    """fp32 activations: 'auto' runs the torch path; 'triton' (fp16/bf16 GEMMs only) says so."""
+    w = quantize_nf4(torch.randn(256, 256, device="cuda"))
+    x = torch.randn(4, 256, device="cuda")
+    assert_close(nf4_matmul(x, w), x @ w.dequantize().t(), torch.float32)
+    with pytest.raises(Phi3FastError, match="takes fp16 or bf16 activations"):
+        nf4_matmul(x, w, backend="triton")
