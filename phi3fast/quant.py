@@ -18,12 +18,18 @@ Rounding, exactly as bitsandbytes does it (so our codes equal its codes on the s
 - 4-bit: scaled = clamp(x * (1/max(absmax, 1e-38)), -1, 1) in fp32 (the reciprocal is rounded once, then
   multiplied); the final partial block divides instead (x / max(absmax, 1e-38)), as bitsandbytes' torch path
   does. The code is the number of codebook midpoints strictly below `scaled`: a value exactly on a midpoint
-  rounds DOWN (torch.bucketize right=False; bitsandbytes' CUDA decision tree uses the same fp32 pivots with `>`).
+  rounds DOWN (bitsandbytes' torch.bucketize(right=False); its CUDA decision tree uses the same fp32 pivots with
+  `>`). We count them exactly with a table on the top 16 bits of `scaled` (CPU) or 15 compares (Triton).
 - 8-bit (nested absmax): bitsandbytes' CPU library maps v = clamp(x * (1/absmax), -1, 1) onto a 65536-entry grid,
   idx = trunc(((v + 1) * 0.5) * 65535 + 0.5), and looks the code up in a table built from the grid points
   -1 + 2i/65535 (code = midpoints strictly below the grid point). A block whose absmax is 0 gets code 0.
   We reproduce that table, so nested codes match bitsandbytes' CPU output bit for bit.
-- The offset is `absmax.mean()` in fp32, the same torch reduction bitsandbytes calls.
+- The offset is `absmax.mean()` in fp32 on the weight's device, the torch reduction bitsandbytes calls (so a CPU
+  and a CUDA quantization of one weight may differ in the offset's last bit, as bitsandbytes' do).
+The oracle of the tests is bitsandbytes on CPU. On CUDA, bitsandbytes' own 8-bit kernel searches the 256-entry map
+directly instead of the 65536-point grid, so a checkpoint it quantized on a GPU can hold nested codes one step
+away from ours in rare cases; reading such a checkpoint is unaffected (the stored codes are used as they are).
+NaN/inf weights are refused (bitsandbytes quantizes them silently into NaN blocks).
 
 State dict
 ----------
@@ -37,6 +43,7 @@ quant_type, blocksize, dtype, shape, nested_blocksize, nested_dtype, nested_offs
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
@@ -126,7 +133,7 @@ def _lut_8bit(code: torch.Tensor) -> torch.Tensor:
 _LUT_DYNAMIC = _lut_8bit(_DYNAMIC_MAP)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: identity hash/equality (tensors have no truth value)
 class NF4Weight:
     """A frozen W[N, K] in NF4 (see the module docstring for the layout). Holds tensors only; no grad."""
 
@@ -135,9 +142,7 @@ class NF4Weight:
     code: torch.Tensor  # float32 [16], the NF4 codebook
     nested_absmax: torch.Tensor | None  # float32 [ceil(nblocks/256)] (double_quant only)
     nested_code: torch.Tensor | None  # float32 [256], the 8-bit dynamic map (double_quant only)
-    offset: (
-        torch.Tensor | None
-    )  # float32 scalar, the mean subtracted before quantizing absmax (double_quant only)
+    offset: torch.Tensor | None  # float32 scalar: the mean subtracted before quantizing absmax (double_quant)
     blocksize: int
     shape: tuple[int, int]  # (N, K)
     dtype: torch.dtype  # the dtype W had before quantization
@@ -237,9 +242,8 @@ class NF4Weight:
         if self.double_quant:
             assert self.nested_absmax is not None and self.nested_code is not None
             sd[f"{key}.nested_absmax"] = self.nested_absmax
-            sd[f"{key}.nested_quant_map"] = (
-                self.nested_code.clone()
-            )  # unshared, as bitsandbytes does for safetensors
+            # A copy, not a shared tensor, as bitsandbytes saves it (safetensors refuses shared storage).
+            sd[f"{key}.nested_quant_map"] = self.nested_code.clone()
         # json.dumps with default separators, exactly as bitsandbytes.utils.pack_dict_to_tensor writes it.
         raw = json.dumps(self.quant_state_json()).encode("utf-8")
         sd[f"{key}.{_QS_KEY}"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device)
@@ -346,6 +350,10 @@ def quantize_nf4(
     if backend not in ("auto", "torch", "triton"):
         raise NF4FormatError(f"quantize_nf4: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
+    if backend == "triton" and not w.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NF4FormatError(
+            "quantize_nf4: backend='triton' on CPU needs TRITON_INTERPRET=1 before triton loads"
+        )
     w = w.detach()
     if backend == "triton" or (backend == "auto" and w.is_cuda):
         from phi3fast.kernels.nf4_quantize import nf4_quantize_blocks

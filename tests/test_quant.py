@@ -98,6 +98,12 @@ def test_quantize_equals_bitsandbytes(
     assert ours.dequantize(dtype).dtype == dtype
 
 
+def test_non_contiguous_input() -> None:
+    w = _weight((96, 17), torch.float16).t()
+    packed, qs = _bnb(w, 64, True)
+    _assert_same_as_bnb(quantize_nf4(w), packed, qs)
+
+
 @pytest.mark.parametrize("blocksize", [256, 512, 1024, 2048])
 def test_other_blocksizes(blocksize: int) -> None:
     w = _weight((33, 1000), torch.bfloat16)
