@@ -38,11 +38,15 @@ def _chunked_ce(
         h = hidden.index_select(0, rows)
         y = labels.index_select(0, rows)
         logits = (h @ weight.T).float()  # [n, V]: the only fp32 logits alive at any time
-        lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        target = logits.gather(1, y[:, None]).squeeze(1)
+        # log-sum-exp by hand, in place: the exponentials it needs are the softmax the gradient needs.
+        peak = logits.amax(dim=-1, keepdim=True)
+        expd = logits.sub_(peak).exp_()
+        denom = expd.sum(dim=-1, keepdim=True)
+        total += (peak.squeeze(1) + denom.squeeze(1).log() - target).sum()
         if grad_h or grad_w:
-            # d(lse - logit_y)/d(logits) = softmax - onehot(y), computed in place over the chunk's logits.
-            p = logits.sub_(lse[:, None]).exp_()
+            # d(lse - logit_y)/d(logits) = softmax - onehot(y), still in the chunk's buffer.
+            p = expd.div_(denom)
             p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
             if grad_h:
                 g_hidden.index_copy_(0, rows, (p.to(weight.dtype) @ weight).to(hidden.dtype))
