@@ -39,7 +39,6 @@ from .nf4 import (
     _weight_args,
     _weight_signature,
     as_rows,
-    lora_rank_pad,
 )
 
 if TYPE_CHECKING:
@@ -87,7 +86,7 @@ def _lora_dx_kernel(
     u_ptr, a_ptr, dx_ptr, lora_scale,
     M, N, K, blocksize, R, M_BUCKET,
     stride_gm, stride_um, stride_ar, stride_dxm,
-    DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dx[M, K] = g[M, N] @ W[N, K] (+ lora_scale * u[M, R] @ A[R, K]). Each program owns a [BLOCK_M, BLOCK_K] tile
@@ -120,16 +119,14 @@ def _lora_dx_kernel(
         acc_even = tl.dot(g, hi.to(dt), acc_even)
         acc_odd = tl.dot(g, lo.to(dt), acc_odd)
     if HAS_LORA:
-        rr = tl.arange(0, R_PAD)  # R padded to >= 16 for tl.dot; the padding is masked to zero
         rj = tl.arange(0, BLOCK_K // 2)
-        u = tl.load(
-            u_ptr + rm[:, None] * stride_um + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R), other=0.0
-        )
-        a_rows = a_ptr + rr[:, None] * stride_ar + k0 + 2 * rj[None, :]
-        a_even = tl.load(a_rows, mask=rr[:, None] < R, other=0.0)
-        a_odd = tl.load(a_rows + 1, mask=rr[:, None] < R, other=0.0)
-        acc_even += lora_scale * tl.dot(u, a_even)
-        acc_odd += lora_scale * tl.dot(u, a_odd)
+        for r0 in range(0, R, R_BLOCK):  # R_BLOCK ranks per tl.dot; masked ranks load as zero
+            rr = r0 + tl.arange(0, R_BLOCK)
+            u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R),
+                        other=0.0)  # fmt: skip
+            a_rows = a_ptr + rr[:, None] * stride_ar + k0 + 2 * rj[None, :]
+            acc_even += lora_scale * tl.dot(u, tl.load(a_rows, mask=rr[:, None] < R, other=0.0))
+            acc_odd += lora_scale * tl.dot(u, tl.load(a_rows + 1, mask=rr[:, None] < R, other=0.0))
     # Re-interleave even/odd columns so each row of the tile is one contiguous store.
     acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_M, BLOCK_K])
     rk = k0 + tl.arange(0, BLOCK_K)
@@ -152,7 +149,7 @@ def dx_fused(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None
         g2, *_weight_args(w), u, a, dx, float(s),
         m, n, k, w.blocksize, r, triton.next_power_of_2(m),
         g2.stride(0), u.stride(0), a.stride(0), dx.stride(0),
-        DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_PAD=lora_rank_pad(max(r, 1)),
+        DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_BLOCK=nf4.R_BLOCK,
     )  # fmt: skip
     return dx
 
@@ -268,6 +265,6 @@ def aot_specs() -> list[AotSpec]:
                 for c in _dx_configs():
                     cfg = ",".join(f"{key}={v}" for key, v in c.kwargs.items())
                     label = f"{dname},dq={int(dq)},lora={int(lora)},{cfg},w={c.num_warps},s={c.num_stages}"
-                    consts = {"DOUBLE_QUANT": dq, "HAS_LORA": lora, "R_PAD": 16, **c.kwargs}
+                    consts = {"DOUBLE_QUANT": dq, "HAS_LORA": lora, "R_BLOCK": nf4.R_BLOCK, **c.kwargs}
                     specs.append(AotSpec(kernel, "lora_dx", label, sig, consts, c.num_warps, c.num_stages))
     return specs

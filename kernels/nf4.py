@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M = 16  # rows up to which the decode kernel runs: one 16-row tile, the smallest tl.dot M
+R_BLOCK = 16  # LoRA ranks per epilogue tl.dot: 16 is tl.dot's smallest K; larger ranks loop, so one compile serves all
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
@@ -64,6 +65,23 @@ def _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, HALF_K: tl.con
     hi = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
     lo = tl.load(code_ptr + (byte & 15)) * scale[:, None]
     return hi, lo
+
+
+@triton.jit
+def _lora_up(t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_BLOCK: tl.constexpr):  # fmt: skip
+    """t[rm, :R] @ B[rn, :R]^T as fp32 [BLOCK_M, BLOCK_N], R_BLOCK ranks per tl.dot (any rank, one compile)."""
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, R_BLOCK):
+        rr = r0 + tl.arange(0, R_BLOCK)
+        t = tl.load(
+            t_ptr + rm[:, None] * stride_tm + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R), other=0.0
+        )
+        bt = tl.load(
+            b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=mask_n[None, :] & (rr[:, None] < R), other=0.0
+        )
+        up = tl.dot(t, bt, up)
+    return up
 
 
 @triton.jit
@@ -133,7 +151,7 @@ def _nf4_matmul_kernel(
     t_ptr, b_ptr, out_ptr, lora_scale,
     M, N, K, blocksize, R, M_BUCKET,
     stride_xm, stride_tm, stride_bn, stride_om,
-    DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = x[M, K] @ W^T (+ lora_scale * t[M, R] @ B[N, R]^T in the epilogue, with t = x_lora A^T)."""
@@ -167,14 +185,8 @@ def _nf4_matmul_kernel(
         acc = tl.dot(x_even, tl.trans(hi.to(dt)), acc)
         acc = tl.dot(x_odd, tl.trans(lo.to(dt)), acc)
     if HAS_LORA:
-        rr = tl.arange(0, R_PAD)  # R padded to >= 16, the smallest tl.dot K; padding is masked to zero
-        t = tl.load(
-            t_ptr + rm[:, None] * stride_tm + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R), other=0.0
-        )
-        bt = tl.load(
-            b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=mask_n[None, :] & (rr[:, None] < R), other=0.0
-        )
-        acc += lora_scale * tl.dot(t, bt)
+        acc += lora_scale * _lora_up(t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn, BLOCK_M, BLOCK_N,
+                                     R_BLOCK)  # fmt: skip
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
@@ -185,7 +197,7 @@ def _nf4_matmul_small_m_kernel(
     t_ptr, b_ptr, out_ptr, lora_scale,
     M, N, K, blocksize, R, TILES_PER_SPLIT,
     stride_xm, stride_tm, stride_bn, stride_os, stride_om,
-    DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Decode (M <= 16): program (n, s) reads weight rows n*BLOCK_N.. over K-split s once and writes fp32 partial
@@ -214,14 +226,10 @@ def _nf4_matmul_small_m_kernel(
         acc = tl.dot(x_even, tl.trans(hi.to(dt)), acc)
         acc = tl.dot(x_odd, tl.trans(lo.to(dt)), acc)
     if HAS_LORA:
-        rr = tl.arange(0, R_PAD)
-        t = tl.load(
-            t_ptr + rm[:, None] * stride_tm + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R), other=0.0
+        up = _lora_up(
+            t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn, BLOCK_M, BLOCK_N, R_BLOCK
         )
-        bt = tl.load(
-            b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=mask_n[None, :] & (rr[:, None] < R), other=0.0
-        )
-        acc += tl.where(pid_s == 0, lora_scale, 0.0) * tl.dot(t, bt)
+        acc += tl.where(pid_s == 0, lora_scale, 0.0) * up
     tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], acc,
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
@@ -247,10 +255,6 @@ def dequantize_triton(w: NF4Weight, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def lora_rank_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs K >= 16 and power-of-2 tiles
-
-
 def _num_programs_target(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # interpreter: a few splits, so the split-K reduction is exercised by tests
@@ -267,13 +271,12 @@ def small_m_config(n: int, k: int, blocksize: int, device: torch.device) -> tupl
     return block_n, block_k, split
 
 
-def _lora_args(
-    lora: tuple[Tensor, Tensor, float] | None, x: Tensor
-) -> tuple[Tensor, Tensor, float, int, int]:
+def _lora_args(lora: tuple[Tensor, Tensor, float] | None, x: Tensor) -> tuple[Tensor, Tensor, float, int]:
+    """(t, B, scale, r) for the epilogue; without LoRA, x stands in for the pointers (never read)."""
     if lora is None:
-        return x, x, 0.0, 0, 16
+        return x, x, 0.0, 0
     t, b, s = lora
-    return t, b, float(s), t.shape[1], lora_rank_pad(t.shape[1])
+    return t, b, float(s), t.shape[1]
 
 
 def matmul_small_m(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
@@ -281,7 +284,7 @@ def matmul_small_m(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] 
     n = w.shape[0]
     assert m <= SMALL_M
     block_n, block_k, split = small_m_config(n, k, w.blocksize, x2.device)
-    t, b, s, r, r_pad = _lora_args(lora, x2)
+    t, b, s, r = _lora_args(lora, x2)
     partial = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     tiles_per_split = triton.cdiv(k // block_k, split)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // block_k, tiles_per_split))
@@ -289,7 +292,7 @@ def matmul_small_m(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] 
         x2, *_weight_args(w), t, b, partial, s,
         m, n, k, w.blocksize, r, tiles_per_split,
         x2.stride(0), t.stride(0), b.stride(0), partial.stride(0), partial.stride(1),
-        DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_PAD=r_pad, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_BLOCK=R_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=3,
     )  # fmt: skip
     return partial[: grid[1]].sum(0).to(x2.dtype)
@@ -298,14 +301,14 @@ def matmul_small_m(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] 
 def matmul_fused(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     m, k = x2.shape
     n = w.shape[0]
-    t, b, s, r, r_pad = _lora_args(lora, x2)
+    t, b, s, r = _lora_args(lora, x2)
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _nf4_matmul_kernel[grid](
         x2, *_weight_args(w), t, b, out, s,
         m, n, k, w.blocksize, r, triton.next_power_of_2(m),
         x2.stride(0), t.stride(0), b.stride(0), out.stride(0),
-        DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_PAD=r_pad,
+        DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_BLOCK=R_BLOCK,
     )  # fmt: skip
     return out
 
@@ -412,7 +415,7 @@ def aot_specs() -> list[AotSpec]:
                     "M": "i32", "N": "i32", "K": "i32", "blocksize": "i32", "R": "i32",
                     "stride_xm": "i32", "stride_tm": "i32", "stride_bn": "i32", "stride_om": "i32",
                 }  # fmt: skip
-                flags = {"DOUBLE_QUANT": dq, "HAS_LORA": lora, "R_PAD": 16}
+                flags = {"DOUBLE_QUANT": dq, "HAS_LORA": lora, "R_BLOCK": R_BLOCK}
                 label = f"{dname},dq={int(dq)},lora={int(lora)}"
                 big = _nf4_matmul_kernel.fn
                 for c in _matmul_configs():

@@ -54,6 +54,7 @@ def run_case(
     "m,n,k,r,dtype,separate",
     [(m, 192, 128, 16, dtype, False) for m in (1, 17, 33) for dtype in INTERP_DTYPES]
     + [(m, 64, 256, 8, torch.float32, True) for m in (3, 40)]
+    + [(m, 128, 64, 40, torch.float32, False) for m in (5, 20)]  # rank 40: three rank chunks, the last masked
     + [(17, 128, 64, 16, torch.float16, True)],
 )
 def test_lora_triton(m: int, n: int, k: int, r: int, dtype: torch.dtype, separate: bool) -> None:
