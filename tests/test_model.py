@@ -249,8 +249,22 @@ def test_sharded_checkpoint_loads(tiny: Path, tmp_path: Path) -> None:
         ),
         (lambda d: _truncate(d / "model.safetensors"), r"model.safetensors: "),
         (lambda d: (d / "tokenizer.json").unlink(), r"no tokenizer files"),
+        (
+            lambda d: (d / "model.safetensors.index.json").write_text("{"),
+            r"index.json: not a valid safetensors index",
+        ),
+        (lambda d: (d / "tokenizer.json").write_text("{garbage"), r"cannot load the tokenizer"),
     ],
-    ids=["no-config", "bad-config", "no-weights", "garbled-weights", "truncated-weights", "no-tokenizer"],
+    ids=[
+        "no-config",
+        "bad-config",
+        "no-weights",
+        "garbled-weights",
+        "truncated-weights",
+        "no-tokenizer",
+        "bad-index",
+        "bad-tokenizer",
+    ],
 )
 def test_bad_checkpoint_errors_name_the_file(tiny: Path, tmp_path: Path, damage, message: str) -> None:  # noqa: ANN001
     dst = shutil.copytree(tiny, tmp_path / "bad")
