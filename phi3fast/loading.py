@@ -32,6 +32,7 @@ from phi3fast.model import Phi3ForCausalLM
 # Files a Phi-3 checkpoint needs from the Hub (never *.bin / *.pt / *.gguf / onnx folders).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 # bitsandbytes' per-weight quant-state keys, as transformers saves them next to `<module>.weight`.
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
@@ -277,7 +278,11 @@ def load_tokenizer(root: Path) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(root))
     except Exception as e:
-        raise Phi3FastError(f"{root}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+        files = [f for f in TOKENIZER_FILES if (root / f).is_file()]
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise Phi3FastError(
+            f"{root}: cannot load the tokenizer from {', '.join(files)} ({type(e).__name__}: {first})"
+        ) from None
     if not getattr(tok, "chat_template", None):
         from phi3fast.tiny import PHI3_CHAT_TEMPLATE
 

@@ -253,7 +253,10 @@ def test_sharded_checkpoint_loads(tiny: Path, tmp_path: Path) -> None:
             lambda d: (d / "model.safetensors.index.json").write_text("{"),
             r"index.json: not a valid safetensors index",
         ),
-        (lambda d: (d / "tokenizer.json").write_text("{garbage"), r"cannot load the tokenizer"),
+        (
+            lambda d: (d / "tokenizer.json").write_text("{garbage"),
+            r"cannot load the tokenizer from tokenizer.json",
+        ),
     ],
     ids=[
         "no-config",
