@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fileio.h"
+#include "parallel.h"
 #include "vector_space.h"
 
 namespace phi3fast {
@@ -73,15 +74,7 @@ class BruteForceIndex {
     const size_t n = labels_.size();
     for (size_t i = 0; i < n; ++i) {
       if (allow && !(*allow)(labels_[i])) continue;
-      const float d = vs_.dist(qq, reinterpret_cast<const uint8_t*>(&data_[i * vs_.dim]));
-      if (heap.size() < k) {
-        heap.emplace_back(d, i);
-        std::push_heap(heap.begin(), heap.end());
-      } else if (d < heap.front().first) {
-        std::pop_heap(heap.begin(), heap.end());
-        heap.back() = {d, i};
-        std::push_heap(heap.begin(), heap.end());
-      }
+      push_topk(heap, k, std::pair<float, size_t>(vs_.dist(qq, reinterpret_cast<const uint8_t*>(&data_[i * vs_.dim])), i));
     }
     std::sort_heap(heap.begin(), heap.end());
     for (size_t i = 0; i < heap.size(); ++i) {

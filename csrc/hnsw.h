@@ -435,15 +435,7 @@ class HnswIndex {
     const size_t n = count();
     auto consider = [&](uint32_t id) {
       if (!is_ready(id) || is_deleted(id)) return;
-      const float d = vs_.dist(q, payload(id));
-      if (top.size() < k) {
-        top.emplace_back(d, id);
-        std::push_heap(top.begin(), top.end());
-      } else if (d < top.front().first) {
-        std::pop_heap(top.begin(), top.end());
-        top.back() = {d, id};
-        std::push_heap(top.begin(), top.end());
-      }
+      push_topk(top, k, Cand(vs_.dist(q, payload(id)), id));
     };
     if (filt && filt->has_bits()) {
       for (size_t w = 0; w * 64 < n; ++w) {

@@ -143,6 +143,20 @@ inline std::optional<SimdLevel> simd_arg(const std::optional<std::string>& s) {
   return want;
 }
 
+// Row i of the input, normalized into buf for the cosine space (the index stores unit vectors, as hnswlib).
+inline const float* prepared_row(const Rows& rows, size_t i, size_t dim, Space space, std::vector<float>& buf) {
+  const float* v = rows.row(i, dim);
+  if (space != Space::Cosine) return v;
+  std::memcpy(buf.data(), v, dim * 4);
+  normalize(buf.data(), dim);
+  return buf.data();
+}
+
+inline std::string read_file_nogil(const std::string& path) {
+  py::gil_scoped_release r;
+  return read_file(path);
+}
+
 inline const char* const kShortResult = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small";
 
 // ----------------------------------------------------------------------------------------------------------
@@ -192,12 +206,7 @@ class PyIndex {
         throw std::runtime_error("The number of elements exceeds the specified limit");
       std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
       parallel_for(rows.rows, t, [&](size_t i, size_t w) {
-        const float* v = rows.row(i, dim);
-        if (space == Space::Cosine) {
-          std::memcpy(bufs[w].data(), v, dim * 4);
-          normalize(bufs[w].data(), dim);
-          v = bufs[w].data();
-        }
+        const float* v = prepared_row(rows, i, dim, space, bufs[w]);
         ScratchLease s(pool);
         x.add(v, ids[i], replace_deleted, *s);
       });
@@ -208,6 +217,7 @@ class PyIndex {
   py::tuple knn_query(const py::object& data, size_t k, int threads, const py::object& filter) {
     HnswIndex& x = need();
     Rows rows = as_rows(data, dim, "data");
+    if (k > x.count() && rows.rows > 0) throw std::runtime_error(kShortResult);  // before allocating [rows, k]
     FilterArg fa = parse_filter(filter);
     py::array_t<uint64_t> labels({rows.rows, k});
     py::array_t<float> dists({rows.rows, k});
@@ -224,12 +234,7 @@ class PyIndex {
       if (fa.kind != FilterArg::None) fp = &f;
       std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
       parallel_for(rows.rows, t, [&](size_t i, size_t w) {
-        const float* v = rows.row(i, dim);
-        if (space == Space::Cosine) {
-          std::memcpy(bufs[w].data(), v, dim * 4);
-          normalize(bufs[w].data(), dim);
-          v = bufs[w].data();
-        }
+        const float* v = prepared_row(rows, i, dim, space, bufs[w]);
         ScratchLease s(pool);
         if (x.search(v, k, ef, fp, *s, lp + i * k, dp + i * k) < k) throw std::runtime_error(kShortResult);
       });
@@ -283,12 +288,7 @@ class PyIndex {
   }
 
   void load_index(const std::string& path, size_t max_elements, bool allow_replace) {
-    std::string data;
-    {
-      py::gil_scoped_release r;
-      data = read_file(path);
-    }
-    load_bytes(data, path, max_elements, allow_replace);
+    load_bytes(read_file_nogil(path), path, max_elements, allow_replace);
   }
 
   std::string storage() const { return ix ? storage_name(ix->space().storage) : "float32"; }
@@ -334,21 +334,14 @@ class PyBFIndex {
       if (x.count() + need_slots > x.max_elements())
         throw std::runtime_error("The number of elements exceeds the specified limit");
       std::vector<float> buf(dim);
-      for (size_t i = 0; i < rows.rows; ++i) {
-        const float* v = rows.row(i, dim);
-        if (space == Space::Cosine) {
-          std::memcpy(buf.data(), v, dim * 4);
-          normalize(buf.data(), dim);
-          v = buf.data();
-        }
-        x.add(v, ids[i]);
-      }
+      for (size_t i = 0; i < rows.rows; ++i) x.add(prepared_row(rows, i, dim, space, buf), ids[i]);
     }
     next_label += rows.rows;
   }
   py::tuple knn_query(const py::object& data, size_t k, int threads, const py::object& filter) {
     BruteForceIndex& x = need();
     Rows rows = as_rows(data, dim, "data");
+    if (k > x.count() && rows.rows > 0) throw std::runtime_error(kShortResult);  // before allocating [rows, k]
     FilterArg fa = parse_filter(filter);
     py::array_t<uint64_t> labels({rows.rows, k});
     py::array_t<float> dists({rows.rows, k});
@@ -371,12 +364,7 @@ class PyBFIndex {
       std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
       std::vector<std::vector<std::pair<float, size_t>>> heaps(static_cast<size_t>(t));
       parallel_for(rows.rows, t, [&](size_t i, size_t w) {
-        const float* v = rows.row(i, dim);
-        if (space == Space::Cosine) {
-          std::memcpy(bufs[w].data(), v, dim * 4);
-          normalize(bufs[w].data(), dim);
-          v = bufs[w].data();
-        }
+        const float* v = prepared_row(rows, i, dim, space, bufs[w]);
         if (x.search(v, k, fp, heaps[w], lp + i * k, dp + i * k) < k) throw std::runtime_error(kShortResult);
       });
     }
@@ -397,12 +385,7 @@ class PyBFIndex {
     next_label = ix->count();
   }
   void load_index(const std::string& path, size_t max_elements) {
-    std::string data;
-    {
-      py::gil_scoped_release r;
-      data = read_file(path);
-    }
-    load_bytes(data, path, max_elements);
+    load_bytes(read_file_nogil(path), path, max_elements);
   }
   std::string repr() const {
     return "<phi3fast.hnsw.BFIndex(space='" + space_name + "', dim=" + std::to_string(dim) + ")>";

@@ -52,6 +52,19 @@ void parallel_for(size_t n, int threads, Fn&& fn) {
 
 using Cand = std::pair<float, uint32_t>;  // (distance, internal id)
 
+// Keeps the k smallest (distance, id) pairs in a max-heap.
+template <class Pair>
+inline void push_topk(std::vector<Pair>& heap, size_t k, Pair item) {
+  if (heap.size() < k) {
+    heap.push_back(item);
+    std::push_heap(heap.begin(), heap.end());
+  } else if (item.first < heap.front().first) {
+    std::pop_heap(heap.begin(), heap.end());
+    heap.back() = item;
+    std::push_heap(heap.begin(), heap.end());
+  }
+}
+
 // Scratch for one search: visited tags with an epoch (no clearing per query), the two heaps, decode buffers.
 struct SearchScratch {
   std::vector<uint16_t> tags;
