@@ -12,10 +12,12 @@ from typing import Any
 
 @dataclass(frozen=True)
 class AotSpec:
-    kernel: Any  # a triton JITFunction (the undecorated function under @triton.autotune: `.fn` of the Autotuner)
+    # A triton JITFunction; under @triton.autotune, the Autotuner's `.fn` (the undecorated kernel).
+    kernel: Any
     name: str  # row label in the report, e.g. "nf4_matmul"
     config: str  # human-readable launch config, e.g. "BM=64,BN=128,BK=64,w=4,s=3"
-    signature: dict[str, str] = field(default_factory=dict)  # argument name -> triton type ('*fp16', 'i32', ...)
+    # Argument name -> triton type ('*fp16', 'i32', ...); constexpr arguments go in constexprs.
+    signature: dict[str, str] = field(default_factory=dict)
     constexprs: dict[str, object] = field(default_factory=dict)  # constexpr name -> value
     num_warps: int = 4
     num_stages: int = 3
