@@ -65,18 +65,20 @@ def save_checkpoint(
     lora: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     trainer: dict[str, Any],
+    rng_states: list[dict[str, Any]],
 ) -> Path:
-    """Write root/step-{step}/ atomically: lora.safetensors, optimizer.pt, rng.pt, trainer.json, manifest.json."""
+    """Write root/step-{step}/ atomically: lora.safetensors, optimizer.pt, rng.pt, trainer.json, manifest.json.
+
+    rng_states holds one rng_state() per rank (each rank draws its own dropout masks)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = rng_state()
     save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
     torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save({"torch": state["torch"], "cuda": state["cuda"]}, tmp / "rng.pt")
-    trainer = {**trainer, "step": step, "rng_python": state["python"], "rng_numpy": state["numpy"]}
+    torch.save(rng_states, tmp / "rng.pt")
+    trainer = {**trainer, "step": step}
     (tmp / "trainer.json").write_text(json.dumps(trainer))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
@@ -133,14 +135,12 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a verified checkpoint: {'lora', 'optimizer', 'trainer', 'rng'}."""
+    """Read a verified checkpoint: {'lora', 'optimizer', 'trainer', 'rng' (a list, one state per rank)}."""
     problem = verify(path)
     if problem is not None:
         raise Phi3FastError(f"{path}: not a usable checkpoint: {problem}")
     trainer = json.loads((path / "trainer.json").read_text())
     rng = torch.load(path / "rng.pt", weights_only=True)
-    rng["python"] = trainer.pop("rng_python")
-    rng["numpy"] = trainer.pop("rng_numpy")
     return {
         "lora": load_file(str(path / "lora.safetensors")),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True),

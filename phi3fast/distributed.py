@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,15 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
         return
     for t in tensors:
         dist.broadcast(t.data, src=0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """obj from every rank, in rank order (RNG states for a checkpoint)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from phi3fast import distributed
-from phi3fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from phi3fast.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from phi3fast.data import Row, build_rows, collate, load_rows
 from phi3fast.errors import Phi3FastError
 from phi3fast.loss import chunked_cross_entropy
@@ -369,7 +369,7 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
         scaler.load_state_dict(ck["optimizer"]["scaler"])
         start = int(ck["trainer"]["step"])
         tokens_seen = int(ck["trainer"]["tokens"])
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"][dd.rank])
     elif cfg.resume and dd.main:
         print(f"--resume: no complete checkpoint in {ckpt_root}; starting at step 0", file=sys.stderr)
     log = MetricsLog(out, start) if dd.main else None
@@ -392,10 +392,11 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
 
     def checkpoint(step: int) -> Path | None:
         path = None
+        rngs = distributed.all_gather_object(rng_state())  # every rank's, so each resumes its own dropout
         if dd.main:
             trainer_state = {"fingerprint": fingerprint, "tokens": tokens_seen, "config": asdict(cfg)}
             optim = {"adamw": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            path = save_checkpoint(ckpt_root, step, lora.lora_state_dict(model), optim, trainer_state)
+            path = save_checkpoint(ckpt_root, step, lora.lora_state_dict(model), optim, trainer_state, rngs)
         distributed.barrier()
         return path
 
