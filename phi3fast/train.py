@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from phi3fast import distributed
-from phi3fast.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from phi3fast.checkpoint import (
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from phi3fast.data import Row, build_rows, collate, load_rows
 from phi3fast.errors import Phi3FastError
 from phi3fast.loss import chunked_cross_entropy
@@ -325,6 +332,10 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
     examples = load_rows(cfg.data)
     eval_examples = load_rows(cfg.eval_data) if cfg.eval_data else []
     resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if not cfg.resume and checkpoints(ckpt_root):
+        raise Phi3FastError(
+            f"{ckpt_root} holds checkpoints of an earlier run: pass --resume to continue it, or use another --out"
+        )
     model = load(cfg.model, dtype=dtype, device=dd.device, quantize=None if cfg.quantize == "none" else "nf4")
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -152,6 +152,8 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_other_settings(tiny, tmp_
     train(cfg)
     ckpts = tmp_path / "checkpoints"
     assert latest_checkpoint(ckpts) == ckpts / "step-3"  # the final step is the adapter, not a checkpoint
+    with pytest.raises(Phi3FastError, match="holds checkpoints of an earlier run: pass --resume"):
+        train(cfg)  # a fresh run would mix with the old run's checkpoints
     blob = ckpts / "step-3" / "optimizer.pt"
     blob.write_bytes(blob.read_bytes()[:-7])  # torn write
     (ckpts / "step-9").mkdir()  # a directory without a manifest is not a checkpoint
