@@ -90,7 +90,7 @@ def _lora_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dx[M, K] = g[M, N] @ W[N, K] (+ lora_scale * u[M, R] @ A[R, K]). Each program owns a [BLOCK_M, BLOCK_K] tile
-    of dx and walks N; the even and odd columns of the tile come from the high and low nibbles."""
+    of dx and walks N, dequantizing each [BLOCK_N, BLOCK_K] tile of W in registers."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_k = K // BLOCK_K
@@ -104,8 +104,8 @@ def _lora_dx_kernel(
     mask_m = rm < M
     k0 = pid_k * BLOCK_K
     dt = g_ptr.dtype.element_ty
-    acc_even = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
-    acc_odd = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    rk = k0 + tl.arange(0, BLOCK_K)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
@@ -115,21 +115,14 @@ def _lora_dx_kernel(
         )
         scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
                              mask_n, DOUBLE_QUANT)  # fmt: skip
-        hi, lo = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K // 2)
-        acc_even = tl.dot(g, hi.to(dt), acc_even)
-        acc_odd = tl.dot(g, lo.to(dt), acc_odd)
+        acc = tl.dot(g, _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K, dt), acc)
     if HAS_LORA:
-        rj = tl.arange(0, BLOCK_K // 2)
         for r0 in range(0, R, R_BLOCK):  # R_BLOCK ranks per tl.dot; masked ranks load as zero
             rr = r0 + tl.arange(0, R_BLOCK)
             u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R),
                         other=0.0)  # fmt: skip
-            a_rows = a_ptr + rr[:, None] * stride_ar + k0 + 2 * rj[None, :]
-            acc_even += lora_scale * tl.dot(u, tl.load(a_rows, mask=rr[:, None] < R, other=0.0))
-            acc_odd += lora_scale * tl.dot(u, tl.load(a_rows + 1, mask=rr[:, None] < R, other=0.0))
-    # Re-interleave even/odd columns so each row of the tile is one contiguous store.
-    acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_M, BLOCK_K])
-    rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=rr[:, None] < R, other=0.0)
+            acc += lora_scale * tl.dot(u, a)
     tl.store(
         dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None]
     )

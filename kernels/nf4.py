@@ -5,9 +5,9 @@ low nibble; one absmax per `blocksize` consecutive elements. Since K % blocksize
 BLOCK_K <= blocksize (blocksize % BLOCK_K == 0) sits inside one absmax block per row of W, so a tile needs one scale
 per row, loaded once.
 
-Even/odd split (note): a byte holds W[n, k] and W[n, k+1]. Rather than interleaving the two nibbles back into a
-[BLOCK_N, BLOCK_K] tile, the kernels contract the even columns of x with the high nibbles and the odd columns with
-the low nibbles: x W^T = x[:, 0::2] W_hi^T + x[:, 1::2] W_lo^T. Two dots with K/2 each, no register shuffles.
+Nibble order (note): a byte holds W[n, k] (high nibble) and W[n, k+1] (low). `_dequant_tile` decodes both halves
+and interleaves them back (tl.join + reshape) into a row-ordered [BLOCK_N, BLOCK_K] tile, so the activations are
+read as contiguous rows (vectorized, pipelined loads) and each K-tile is one full-width tl.dot.
 
 Paths of nf4_matmul on CUDA (the rule):
 - M <= 16 (decode): `_nf4_matmul_small_m_kernel`, split-K over the weight so that enough programs stream it;
@@ -57,14 +57,15 @@ def _block_scale(
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, HALF_K: tl.constexpr):
-    """W[rn, k0 + 2j] (high nibbles) and W[rn, k0 + 2j + 1] (low nibbles), j < HALF_K, as fp32 [BLOCK_N, HALF_K]."""
-    rj = tl.arange(0, HALF_K)
+def _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K: tl.constexpr, dt: tl.constexpr):
+    """W[rn, k0:k0 + BLOCK_K] in dtype dt, [BLOCK_N, BLOCK_K]: load BLOCK_K/2 bytes per row, decode both nibbles
+    (code * absmax in fp32, one rounding), interleave (high nibble = even column) back into row order."""
+    rj = tl.arange(0, BLOCK_K // 2)
     byte = tl.load(packed_ptr + (rn[:, None] * K + k0) // 2 + rj[None, :], mask=mask_n[:, None], other=0)
     byte = byte.to(tl.int32)
-    hi = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
-    lo = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-    return hi, lo
+    hi = (tl.load(code_ptr + (byte >> 4)) * scale[:, None]).to(dt)
+    lo = (tl.load(code_ptr + (byte & 15)) * scale[:, None]).to(dt)
+    return tl.reshape(tl.join(hi, lo), [rn.shape[0], BLOCK_K])
 
 
 @triton.jit
@@ -169,21 +170,15 @@ def _nf4_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    rj = tl.arange(0, BLOCK_K // 2)
+    rk = tl.arange(0, BLOCK_K)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x_even = tl.load(
-            x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj)[None, :], mask=mask_m[:, None], other=0.0
-        )
-        x_odd = tl.load(
-            x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj + 1)[None, :], mask=mask_m[:, None], other=0.0
-        )
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mask_m[:, None], other=0.0)
         scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
                              mask_n, DOUBLE_QUANT)  # fmt: skip
-        hi, lo = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K // 2)
-        acc = tl.dot(x_even, tl.trans(hi.to(dt)), acc)
-        acc = tl.dot(x_odd, tl.trans(lo.to(dt)), acc)
+        w = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K, dt)
+        acc = tl.dot(x, tl.trans(w), acc)
     if HAS_LORA:
         acc += lora_scale * _lora_up(t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn, BLOCK_M, BLOCK_N,
                                      R_BLOCK)  # fmt: skip
@@ -209,22 +204,16 @@ def _nf4_matmul_small_m_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    rj = tl.arange(0, BLOCK_K // 2)
+    rk = tl.arange(0, BLOCK_K)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.minimum((pid_s + 1) * TILES_PER_SPLIT, K // BLOCK_K) * BLOCK_K
     for k0 in range(pid_s * TILES_PER_SPLIT * BLOCK_K, k_end, BLOCK_K):
-        x_even = tl.load(
-            x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj)[None, :], mask=mask_m[:, None], other=0.0
-        )
-        x_odd = tl.load(
-            x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj + 1)[None, :], mask=mask_m[:, None], other=0.0
-        )
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mask_m[:, None], other=0.0)
         scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
                              mask_n, DOUBLE_QUANT)  # fmt: skip
-        hi, lo = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K // 2)
-        acc = tl.dot(x_even, tl.trans(hi.to(dt)), acc)
-        acc = tl.dot(x_odd, tl.trans(lo.to(dt)), acc)
+        w = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K, dt)
+        acc = tl.dot(x, tl.trans(w), acc)
     if HAS_LORA:
         up = _lora_up(
             t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn, BLOCK_M, BLOCK_N, R_BLOCK
