@@ -98,6 +98,22 @@ def test_quantize_equals_bitsandbytes(
     assert ours.dequantize(dtype).dtype == dtype
 
 
+def test_two_threads_same_bits_and_setting_restored() -> None:
+    """The CPU loops run on one thread internally; the mean (a reduction, whose rounding may depend on the
+    thread count) runs under the caller's setting, as bitsandbytes' does. 35K blocks: the mean is parallel."""
+    torch.set_num_threads(2)
+    try:
+        w = _weight((2048, 1100), torch.bfloat16)
+        packed, qs = _bnb(w, 64, True)
+        ours = quantize_nf4(w)
+        assert torch.get_num_threads() == 2
+        _assert_same_as_bnb(ours, packed, qs)
+        assert torch.equal(ours.dequantize(torch.bfloat16), _bnb_dequantize(packed, qs, torch.bfloat16))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_non_contiguous_input() -> None:
     w = _weight((96, 17), torch.float16).t()
     packed, qs = _bnb(w, 64, True)
