@@ -319,6 +319,23 @@ def test_corrupt_index_is_one_clear_error(
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_rebuild_over_a_corrupt_index(small_index: Path, tmp_path: Path, emb: Embedder) -> None:
+    idx = tmp_path / "idx"
+    shutil.copytree(small_index, idx)
+    vec = idx / "gen-000001" / "vectors.hnsw"
+    vec.write_bytes(vec.read_bytes()[:100])
+    warnings: list[str] = []
+    index = Index.build(
+        [small_index.parent / "docs"], idx, embedder=emb, progress=False, warn=warnings.append
+    )
+    assert (
+        len(warnings) == 1
+        and "truncated" in warnings[0]
+        and "rebuilding the index from scratch" in warnings[0]
+    )
+    assert index.build_stats.files_added == 2 and index.search("C5-21", k=1)[0].source == "controller-c5.txt"
+
+
 def test_missing_index_and_other_embedder(small_index: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["query", "x", "--index", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "not a phi3fast index (no such directory)" in result.stderr

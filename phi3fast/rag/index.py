@@ -326,7 +326,8 @@ class Index:
                 if prev
                 else DEFAULT_EMBEDDER
             )
-            chunk_tokens = chunk_tokens or (prev["chunk_tokens"] if prev else DEFAULT_CHUNK_TOKENS)
+            if chunk_tokens is None:
+                chunk_tokens = prev["chunk_tokens"] if prev else DEFAULT_CHUNK_TOKENS
             overlap = overlap if overlap is not None else (prev["overlap"] if prev else DEFAULT_OVERLAP)
             if chunk_tokens < 16:
                 raise Phi3FastError(f"--chunk-tokens must be >= 16, got {chunk_tokens}")
@@ -347,6 +348,12 @@ class Index:
             fresh = prev is None or any(prev.get(key) != v for key, v in config.items())
             if prev is not None and fresh:
                 warn(f"{out}: embedder or chunking changed; re-embedding every file")
+            elif prev is not None:
+                try:  # an update starts from the current generation: it must be whole
+                    cls.open(out, embedder=emb)
+                except Phi3FastError as e:
+                    warn(f"{e}; rebuilding the index from scratch")
+                    fresh = True
             stats = _build_generation(out, roots, emb, prev, fresh, config, progress, warn, t0)
         index = cls.open(out, embedder=emb)
         index.build_stats = stats
