@@ -385,7 +385,7 @@ def quantize_nf4(
         with _one_cpu_thread(w.device):
             packed, absmax = quantize_blocks_torch(w, blocksize)
     # A NaN or inf makes its whole block NaN (bitsandbytes quantizes it silently); say where instead.
-    bad = torch.nonzero(~torch.isfinite(absmax))
+    bad = torch.nonzero(~torch.isfinite(absmax)) if not bool(torch.isfinite(absmax.sum())) else absmax[:0]
     if bad.numel():
         block = w.reshape(-1)[int(bad[0, 0]) * blocksize :][:blocksize]
         first = int(bad[0, 0]) * blocksize + int(torch.nonzero(~torch.isfinite(block))[0, 0])
@@ -397,8 +397,11 @@ def quantize_nf4(
     shape = (w.shape[0], w.shape[1])
     if not double_quant:
         return NF4Weight(packed, absmax, code, None, None, None, blocksize, shape, w.dtype, False)
-    offset = absmax.mean()  # the same fp32 torch reduction bitsandbytes uses, so the same bits
-    qabsmax, nested_absmax = _quantize_8bit(absmax - offset, NESTED_BLOCKSIZE)
+    # The same fp32 torch reduction bitsandbytes uses, under the caller's thread setting (a parallel reduction
+    # may round differently with another thread count), so the same bits as bitsandbytes in this process.
+    offset = absmax.mean()
+    with _one_cpu_thread(w.device):  # elementwise ops and per-block maxima: the same bits on any thread count
+        qabsmax, nested_absmax = _quantize_8bit(absmax - offset, NESTED_BLOCKSIZE)
     return NF4Weight(
         packed,
         qabsmax,
