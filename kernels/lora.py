@@ -34,10 +34,10 @@ from . import nf4, reference
 from ._aot import AotSpec
 from .nf4 import (
     _DTYPES,
-    _block_scale,
-    _dequant_tile,
+    _grouped_tile,
     _weight_args,
     _weight_signature,
+    _weight_tile,
     as_rows,
 )
 
@@ -70,15 +70,10 @@ def _dx_configs() -> list[triton.Config]:
     ]
 
 
-def _prune_by_blocksize(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    bs = named_args["blocksize"]
-    return [c for c in configs if bs % c.kwargs["BLOCK_K"] == 0]
-
-
 @triton.autotune(
     configs=_dx_configs(),
     key=["M_BUCKET", "N", "K", "HAS_LORA"],
-    prune_configs_by={"early_config_prune": _prune_by_blocksize},
+    prune_configs_by={"early_config_prune": nf4._prune_by_blocksize},
 )
 @triton.jit
 def _lora_dx_kernel(
@@ -91,14 +86,7 @@ def _lora_dx_kernel(
 ):  # fmt: skip
     """dx[M, K] = g[M, N] @ W[N, K] (+ lora_scale * u[M, R] @ A[R, K]). Each program owns a [BLOCK_M, BLOCK_K] tile
     of dx and walks N, dequantizing each [BLOCK_N, BLOCK_K] tile of W in registers."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_k = K // BLOCK_K
-    group = pid // (GROUP_M * grid_k)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_k)) % group_size
-    pid_k = (pid % (GROUP_M * grid_k)) // group_size
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < M
@@ -113,9 +101,9 @@ def _lora_dx_kernel(
         g = tl.load(
             g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
         )
-        scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
-                             mask_n, DOUBLE_QUANT)  # fmt: skip
-        acc = tl.dot(g, _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K, dt), acc)
+        w = _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rn, mask_n,
+                         k0, K, blocksize, BLOCK_K, DOUBLE_QUANT, dt)  # fmt: skip
+        acc = tl.dot(g, w, acc)
     if HAS_LORA:
         for r0 in range(0, R, R_BLOCK):  # R_BLOCK ranks per tl.dot; masked ranks load as zero
             rr = r0 + tl.arange(0, R_BLOCK)

@@ -69,6 +69,26 @@ def _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K: tl.co
 
 
 @triton.jit
+def _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rn, mask_n, k0,
+                 K, blocksize, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr, dt: tl.constexpr):  # fmt: skip
+    """W[rn, k0:k0 + BLOCK_K] in dtype dt; the tile lies in one absmax block per row, so one scale per row."""
+    scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
+                         mask_n, DOUBLE_QUANT)  # fmt: skip
+    return _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K, dt)
+
+
+@triton.jit
+def _grouped_tile(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M consecutive M-tiles share each weight tile while it is in L2."""
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_size
+    pid_n = (pid % (GROUP_M * grid_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
 def _lora_up(t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_BLOCK: tl.constexpr):  # fmt: skip
     """t[rm, :R] @ B[rn, :R]^T as fp32 [BLOCK_M, BLOCK_N], R_BLOCK ranks per tl.dot (any rank, one compile)."""
@@ -156,15 +176,7 @@ def _nf4_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = x[M, K] @ W^T (+ lora_scale * t[M, R] @ B[N, R]^T in the epilogue, with t = x_lora A^T)."""
-    # Grouped tile order: GROUP_M consecutive M-tiles share each weight tile while it is in L2.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_size
-    pid_n = (pid % (GROUP_M * grid_n)) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,9 +187,8 @@ def _nf4_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mask_m[:, None], other=0.0)
-        scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
-                             mask_n, DOUBLE_QUANT)  # fmt: skip
-        w = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K, dt)
+        w = _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rn, mask_n,
+                         k0, K, blocksize, BLOCK_K, DOUBLE_QUANT, dt)  # fmt: skip
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_LORA:
         acc += lora_scale * _lora_up(t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn, BLOCK_M, BLOCK_N,
@@ -210,9 +221,8 @@ def _nf4_matmul_small_m_kernel(
     k_end = tl.minimum((pid_s + 1) * TILES_PER_SPLIT, K // BLOCK_K) * BLOCK_K
     for k0 in range(pid_s * TILES_PER_SPLIT * BLOCK_K, k_end, BLOCK_K):
         x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mask_m[:, None], other=0.0)
-        scale = _block_scale(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (rn * K + k0) // blocksize,
-                             mask_n, DOUBLE_QUANT)  # fmt: skip
-        w = _dequant_tile(packed_ptr, code_ptr, scale, rn, mask_n, k0, K, BLOCK_K, dt)
+        w = _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rn, mask_n,
+                         k0, K, blocksize, BLOCK_K, DOUBLE_QUANT, dt)  # fmt: skip
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_LORA:
         up = _lora_up(
