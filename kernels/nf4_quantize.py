@@ -2,8 +2,9 @@
 
 Used by `phi3fast.quant.quantize_nf4` for CUDA tensors (quantizing a 3.8B model at load time). Two passes over W:
 `_block_absmax_kernel` writes the per-block absmax, torch takes the reciprocals (one IEEE division per block), and
-`_nf4_quantize_kernel` writes the packed codes: W is read twice (bf16: 4 bytes read + 0.5 written per element,
-a few ms per GB on an A100-class GPU, against seconds to read the checkpoint). The double quantization of the
+`_nf4_quantize_kernel` writes the packed codes: W is read twice (bf16: 4 bytes read + 0.5 written per element;
+at HBM bandwidth that is milliseconds per GB of weights, an estimate: no GPU was available to measure it, against
+seconds to read a checkpoint from disk). The double quantization of the
 absmax (1/64 of the data) and the final partial block (< blocksize elements, when numel % blocksize != 0) stay
 in torch, in `phi3fast.quant`, so both paths share that code.
 
