@@ -21,6 +21,7 @@ Paths of nf4_matmul on CUDA (the rule):
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -254,6 +255,7 @@ def dequantize_triton(w: NF4Weight, dtype: torch.dtype) -> Tensor:
     return out
 
 
+@functools.cache  # device properties cost a driver call; decode calls this per token
 def _num_programs_target(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # interpreter: a few splits, so the split-K reduction is exercised by tests
