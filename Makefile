@@ -22,6 +22,10 @@ $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(NATIVE_SRC)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
 	$(PIP) install -q --no-build-isolation -e ".[test,dev]"
+	@# scikit-build-core's editable .pth also puts the repo root on sys.path, which would expose kernels/ as a
+	@# top-level module named `kernels` (bitsandbytes imports a PyPI package of that name). Its import hook
+	@# resolves every phi3fast module by itself, so keep only the hook line.
+	sed -i '/^\//d' $(VENV)/lib/python*/site-packages/_editable_skbc_phi3fast.pth
 	touch $(STAMP)
 
 dev: $(STAMP)
@@ -38,7 +42,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/distances.py

@@ -80,3 +80,11 @@ def test_wheel_contains_extension_and_kernels(tmp_path: Path) -> None:
     assert "phi3fast/kernels/__init__.py" in names
     assert "phi3fast/cli/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names), "kernels must not ship as a top-level module"
+
+
+def test_no_top_level_kernels_module(tmp_path: Path) -> None:
+    # bitsandbytes imports a PyPI package named `kernels`; ours must only be importable as phi3fast.kernels.
+    code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not out.stdout.strip().startswith(str(ROOT)), f"top-level 'kernels' resolves to {out.stdout.strip()}"
