@@ -43,7 +43,7 @@ def index_cmd(
         f"{out}: {s.chunks_total} chunks from {index.manifest['files']} files "
         f"(added {s.files_added}, changed {s.files_changed}, unchanged {s.files_unchanged}, "
         f"deleted {s.files_deleted}, skipped {s.files_skipped}); embedded {s.chunks_embedded} chunks "
-        f"in {s.seconds:.1f} s ({s.chunks_per_second:.1f} chunks/s)"
+        f"in {s.seconds:.1f} s ({s.chunks_per_second:.1f} chunks/s; {s.embed_seconds:.1f} s of it embedding)"
     )
 
 

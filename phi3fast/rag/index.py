@@ -87,7 +87,8 @@ class BuildStats:
     files_skipped: int
     chunks_embedded: int
     chunks_total: int
-    seconds: float
+    seconds: float  # the whole run after the embedder is loaded
+    embed_seconds: float  # of which: inside the embedder
 
     @property
     def chunks_per_second(self) -> float:
@@ -449,7 +450,14 @@ def _build_generation(
         texts = [c.embed_text() for _, _, chunks in todo for c in chunks]
         flat = [(source, sha, c) for source, sha, chunks in todo for c in chunks]
         pos = 0
-        for vecs in emb.encode_batches(texts, progress=progress):
+        embed_s = 0.0
+        batches = emb.encode_batches(texts, progress=progress)
+        while True:
+            t_embed = time.perf_counter()
+            vecs = next(batches, None)
+            embed_s += time.perf_counter() - t_embed
+            if vecs is None:
+                break
             ids = []
             for (source, _, c), v in zip(flat[pos : pos + len(vecs)], vecs, strict=True):
                 ids += store.add_chunks(source, [(c.source, c.heading, c.start, c.end, c.text)], v[None])
@@ -467,7 +475,15 @@ def _build_generation(
         store.close()
         vectors.save(tmp / VEC_FILE)
         stats = BuildStats(
-            added, changed, unchanged, len(removed), skipped, len(texts), total, time.perf_counter() - t0
+            added,
+            changed,
+            unchanged,
+            len(removed),
+            skipped,
+            len(texts),
+            total,
+            time.perf_counter() - t0,
+            embed_s,
         )
         if prev is not None and not fresh and not todo and not removed:
             shutil.rmtree(tmp)  # nothing changed: keep the current generation
