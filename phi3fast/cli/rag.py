@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from phi3fast.cli import main, user_errors
 from phi3fast.errors import Phi3FastError
+
+if TYPE_CHECKING:
+    from phi3fast.model import Phi3ForCausalLM
 
 
 @main.command("index")
@@ -135,7 +139,7 @@ def query_cmd(
             _print_results(results)
 
 
-def _answer(model, question: str, results: list, max_new_tokens: int, stream: bool) -> str:  # noqa: ANN001
+def _answer(model: Phi3ForCausalLM, question: str, results: list, max_new_tokens: int, stream: bool) -> str:
     """Generate the cited answer; when streaming, print it as it comes, then the sources under it."""
     from phi3fast.rag.answer import AnswerConfig, sources_block, stream_answer
 

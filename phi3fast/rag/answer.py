@@ -11,8 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from phi3fast.rag.index import SearchResult
+
+if TYPE_CHECKING:  # torch and the model load only when an answer is asked for
+    from phi3fast.model import Phi3ForCausalLM
 
 SYSTEM_PROMPT = (
     "You are a careful technical assistant. Answer the question using only the numbered passages. "
@@ -33,8 +37,8 @@ def build_messages(question: str, passages: Sequence[SearchResult]) -> list[dict
 
 
 def fit_passages(
-    model, question: str, passages: Sequence[SearchResult], max_new_tokens: int
-) -> list[SearchResult]:  # noqa: ANN001
+    model: Phi3ForCausalLM, question: str, passages: Sequence[SearchResult], max_new_tokens: int
+) -> list[SearchResult]:
     """Drop the lowest-ranked passages until prompt + answer fit the model's context window."""
     from phi3fast.generate import chat_prompt_ids
 
@@ -64,7 +68,7 @@ class AnswerConfig:
 
 
 def stream_answer(
-    model,  # noqa: ANN001  (a phi3fast.model.Phi3ForCausalLM)
+    model: Phi3ForCausalLM,
     question: str,
     passages: Sequence[SearchResult],
     cfg: AnswerConfig = AnswerConfig(),  # noqa: B008  (frozen, so a shared default is safe)
