@@ -178,7 +178,7 @@ class HnswIndex {
       labels[i] = get_label(top[i].second);
       dists[i] = top[i].first;
     }
-    if (found < k && filt && filt->fn) return exact(q, k, filt, s, labels, dists);
+    if (found < k && filt) return exact(q, k, filt, s, labels, dists);  // the walk ran out: scan exactly
     return found;
   }
 

@@ -199,6 +199,12 @@ class PyIndex {
       for (size_t i = 0; i < rows.rows; ++i) ids.push_back(next_label + i);
     if (replace_deleted && !x.allow_replace_deleted())
       throw std::runtime_error("Replacement of deleted elements is disabled in constructor");
+    if (x.space().storage == Storage::F16 && space != Space::Cosine) {
+      const float* p = rows.arr.data();
+      for (size_t i = 0, n = rows.rows * dim; i < n; ++i)
+        if (std::fabs(p[i]) > 65504.f)
+          throw std::invalid_argument("data: storage='float16' cannot hold |x| > 65504 (row " + std::to_string(i / dim) + ")");
+    }
     const int t = resolve_threads(threads, num_threads, rows.rows);
     {
       py::gil_scoped_release r;

@@ -269,6 +269,14 @@ def test_bad_vectors_raise_for_add_and_query(
     assert small.get_current_count() == 20
 
 
+def test_float16_storage_refuses_values_it_cannot_hold() -> None:
+    ix = hnsw.Index("l2", 4)
+    ix.init_index(10, storage="float16")
+    with pytest.raises(ValueError, match="float16"):
+        ix.add_items(np.array([[1.0, 2.0, 7e4, 0.0]]))
+    assert ix.get_current_count() == 0
+
+
 def test_float64_and_int_input_are_converted(small: hnsw.Index) -> None:
     x = np.arange(8, dtype=np.float64)
     small.add_items(x, ids=[40])
