@@ -87,4 +87,6 @@ def test_no_top_level_kernels_module(tmp_path: Path) -> None:
     code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert not out.stdout.strip().startswith(str(ROOT)), f"top-level 'kernels' resolves to {out.stdout.strip()}"
+    assert not out.stdout.strip().startswith(str(ROOT)), (
+        f"top-level 'kernels' resolves to {out.stdout.strip()}"
+    )

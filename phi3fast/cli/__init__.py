@@ -7,6 +7,7 @@ the imports at the bottom of this file register them. Register a verb only once 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(__version__, "--version", "-V", prog_name="phi3fast")
 def main() -> None:
     """phi3fast: fast, lean QLoRA fine-tuning and RAG for Microsoft Phi-3."""
+    # When bitsandbytes is installed (a test extra), sentence-transformers -> transformers -> peft imports it, and
+    # on AVX512-BF16 CPUs it warns that it cannot fetch an optional kernel from the Hub. phi3fast never runs
+    # bitsandbytes code, so that warning is noise on every verb.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @main.command()
@@ -51,6 +56,4 @@ def info() -> None:
 
 
 # Verb modules register themselves on `main` when imported (one line per area).
-from phi3fast.cli import rag  # noqa: E402,F401  (index, query)
-from phi3fast.cli import train  # noqa: E402,F401  (train)
-from phi3fast.cli import model  # noqa: E402,F401  (init-tiny, generate, merge)
+from phi3fast.cli import model, rag, train  # noqa: E402,F401  (init-tiny/generate/merge, index/query, train)

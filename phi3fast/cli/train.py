@@ -73,4 +73,5 @@ def train(target_modules: str, no_progress: bool, **options: object) -> None:
             err=True,
         )
         sys.exit(130 if result.interrupted == "SIGINT" else 143)
-    click.echo(f"done: {result.steps} steps, loss {result.loss:.4f}; adapter in {result.adapter}")
+    first = f"{result.losses[0]:.4f} -> " if result.losses else ""
+    click.echo(f"done: {result.steps} steps, loss {first}{result.loss:.4f}; adapter in {result.adapter}")
