@@ -7,6 +7,8 @@ argument checks below, so every backend rejects bad input with the same message.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,12 +103,31 @@ def check_lora(x: Tensor, n: int, k: int, lora_a: Tensor, lora_b: Tensor, x_lora
 #      first): one 8-byte load per byte, 3x faster than gathering rows of a [256, 2] table,
 #   3. code * absmax in fp32 over a [blocks, blocksize] view, rounded once to the compute dtype on the write
 #      (torch.mul with a lower-precision out= computes in fp32): bit-identical to bitsandbytes.
-# Chunk size: decode (M <= SMALL_M) is memory-bound, so its chunks stay L2-sized (SMALL_M_CHUNK); with many rows
-# the GEMM dominates and wide chunks (CHUNK_ELEMENTS) keep oneDNN's tiles efficient.
+# Threads: the decode runs on one intra-op thread (and so does the whole op when M <= SMALL_M, where the GEMMs are
+# tiny). Every multi-threaded torch op is an OpenMP parallel region, and on a busy 2-core box each region waits
+# for a descheduled worker: measured at K=3072, N=9216, M=1 bf16 while another process used a core, 1753 ms median
+# with 2 threads vs 31 ms with 1 (23 ms vs 28 ms on an idle machine). Large-M GEMMs keep all threads.
+# Chunks: M <= SMALL_M takes SMALL_M_CHUNK weights per chunk (2^20 beat 2^18 and 2^22 single-threaded); with many
+# rows the GEMM dominates and wide chunks (CHUNK_ELEMENTS) keep oneDNN's tiles efficient (a GEMM over 21 rows of
+# W runs at a quarter of the speed of one over 1024).
 
-CHUNK_ELEMENTS = 1 << 22  # 4M weights: 8 MB bf16 tile + 8 MB fp32 codes + 4 MB indices of workspace
+CHUNK_ELEMENTS = 1 << 22  # 4M weights: 8 MB bf16 tile + 16 MB fp32 codes + 8 MB indices of workspace
 SMALL_M = 16
-SMALL_M_CHUNK = 1 << 18
+SMALL_M_CHUNK = 1 << 20
+
+
+@contextmanager
+def _serial(device: torch.device, on: bool = True) -> Iterator[None]:
+    """One intra-op thread inside the block (CPU only; see the note above)."""
+    threads = torch.get_num_threads()
+    if not on or device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Decoder:
@@ -169,8 +190,9 @@ def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     chunks = _row_chunks(n, k, min(CHUNK_ELEMENTS, SMALL_M_CHUNK))
     dec = _workspace(w, dtype, chunks, k)
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
-    for rows in chunks:
-        dequantize_tile(w, dec, rows, slice(0, k), out[rows])
+    with _serial(out.device):
+        for rows in chunks:
+            dequantize_tile(w, dec, rows, slice(0, k), out[rows])
     return out
 
 
@@ -180,10 +202,15 @@ def _matmul_rows(x2: Tensor, w: NF4Weight) -> Tensor:
     chunks = _row_chunks(n, k, _chunk(x2.shape[0]))
     dec = _workspace(w, x2.dtype, chunks, k)
     out = x2.new_empty((x2.shape[0], n))
-    if len(chunks) == 1:
-        return torch.mm(x2, dequantize_tile(w, dec, chunks[0], slice(0, k)).t(), out=out)
-    for rows in chunks:
-        out[:, rows] = x2 @ dequantize_tile(w, dec, rows, slice(0, k)).t()
+    small = x2.shape[0] <= SMALL_M
+    with _serial(x2.device, small):
+        for rows in chunks:
+            with _serial(x2.device, not small):
+                tile = dequantize_tile(w, dec, rows, slice(0, k))
+            if len(chunks) == 1:
+                torch.mm(x2, tile.t(), out=out)
+            else:
+                out[:, rows] = x2 @ tile.t()
     return out
 
 
@@ -206,11 +233,15 @@ def lora_dx(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None)
     chunks = _col_chunks(n, k, w.blocksize, _chunk(g2.shape[0]))
     dec = _workspace(w, g2.dtype, chunks, n)
     dx = g2.new_empty((g2.shape[0], k))
-    if len(chunks) == 1:
-        torch.mm(g2, dequantize_tile(w, dec, slice(0, n), chunks[0]), out=dx)
-    else:
+    small = g2.shape[0] <= SMALL_M
+    with _serial(g2.device, small):
         for cols in chunks:
-            dx[:, cols] = g2 @ dequantize_tile(w, dec, slice(0, n), cols)
+            with _serial(g2.device, not small):
+                tile = dequantize_tile(w, dec, slice(0, n), cols)
+            if len(chunks) == 1:
+                torch.mm(g2, tile, out=dx)
+            else:
+                dx[:, cols] = g2 @ tile
     if lora is not None:
         u, a, scale = lora
         dx.addmm_(u, a, alpha=scale)
