@@ -7,14 +7,13 @@ argument checks below, so every backend rejects bad input with the same message.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from phi3fast.errors import Phi3FastError
+from phi3fast.quant import one_cpu_thread
 
 if TYPE_CHECKING:
     from phi3fast.quant import NF4Weight
@@ -116,20 +115,6 @@ SMALL_M = 16
 SMALL_M_CHUNK = 1 << 20
 
 
-@contextmanager
-def _serial(device: torch.device, on: bool = True) -> Iterator[None]:
-    """One intra-op thread inside the block (CPU only; see the note above)."""
-    threads = torch.get_num_threads()
-    if not on or device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class Decoder:
     """Per-call decoding state of one NF4 weight: the byte table, fp32 absmax and reusable chunk buffers."""
 
@@ -195,7 +180,7 @@ def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     chunks = _row_chunks(n, k, min(CHUNK_ELEMENTS, SMALL_M_CHUNK))
     dec = _workspace(w, dtype, chunks, k)
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
-    with _serial(out.device):
+    with one_cpu_thread(out.device):
         for rows in chunks:
             dequantize_tile(w, dec, rows, slice(0, k), out[rows])
     return out
@@ -208,9 +193,9 @@ def _matmul_rows(x2: Tensor, w: NF4Weight) -> Tensor:
     dec = _workspace(w, x2.dtype, chunks, k)
     out = x2.new_empty((x2.shape[0], n))
     small = x2.shape[0] <= SMALL_M
-    with _serial(x2.device, small):
+    with one_cpu_thread(x2.device, small):
         for rows in chunks:
-            with _serial(x2.device, not small):
+            with one_cpu_thread(x2.device, not small):
                 tile = dequantize_tile(w, dec, rows, slice(0, k))
             if len(chunks) == 1:
                 torch.mm(x2, tile.t(), out=out)
@@ -239,9 +224,9 @@ def lora_dx(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None)
     dec = _workspace(w, g2.dtype, chunks, n)
     dx = g2.new_empty((g2.shape[0], k))
     small = g2.shape[0] <= SMALL_M
-    with _serial(g2.device, small):
+    with one_cpu_thread(g2.device, small):
         for cols in chunks:
-            with _serial(g2.device, not small):
+            with one_cpu_thread(g2.device, not small):
                 tile = dequantize_tile(w, dec, slice(0, n), cols)
             if len(chunks) == 1:
                 torch.mm(g2, tile, out=dx)

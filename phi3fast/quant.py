@@ -99,8 +99,8 @@ _LUT_SIZE = 65536  # bitsandbytes' CPU 8-bit quantizer grid
 
 
 @contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the chunked CPU loops below with one intra-op thread.
+def one_cpu_thread(device: torch.device, on: bool = True) -> Iterator[None]:
+    """Run the chunked CPU loops below with one intra-op thread (a no-op off CPU or when `on` is False).
 
     Design note: each 256K-element chunk is ~10 small torch ops. With several intra-op threads each op is an
     OpenMP parallel region, and on a busy machine every region waits for descheduled workers. Measured on the
@@ -108,7 +108,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     vs 0.16 s. The price on an idle machine is at most the parallel speed-up of these memory-bound loops.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if not on or device.type != "cpu" or threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -228,7 +228,7 @@ class NF4Weight:
         out = torch.empty(n, dtype=dtype, device=self.device)
         full_n = n - n % bs
         chunk = max(_CPU_CHUNK // bs, 1) * bs  # whole blocks, an even count: cache-sized temporaries
-        with _one_cpu_thread(self.device):
+        with one_cpu_thread(self.device):
             scale = self.real_absmax()  # elementwise: the same bits with any thread count
             for start in range(0, full_n, chunk):
                 stop = min(start + chunk, full_n)
@@ -382,7 +382,7 @@ def quantize_nf4(
 
         packed, absmax = nf4_quantize_blocks(w, blocksize)
     else:
-        with _one_cpu_thread(w.device):
+        with one_cpu_thread(w.device):
             packed, absmax = quantize_blocks_torch(w, blocksize)
     # A NaN or inf makes its whole block NaN (bitsandbytes quantizes it silently); say where instead.
     bad = torch.nonzero(~torch.isfinite(absmax)) if not bool(torch.isfinite(absmax.sum())) else absmax[:0]
@@ -400,7 +400,7 @@ def quantize_nf4(
     # The same fp32 torch reduction bitsandbytes uses, under the caller's thread setting (a parallel reduction
     # may round differently with another thread count), so the same bits as bitsandbytes in this process.
     offset = absmax.mean()
-    with _one_cpu_thread(w.device):  # elementwise ops and per-block maxima: the same bits on any thread count
+    with one_cpu_thread(w.device):  # elementwise ops and per-block maxima: the same bits on any thread count
         qabsmax, nested_absmax = _quantize_8bit(absmax - offset, NESTED_BLOCKSIZE)
     return NF4Weight(
         packed,
