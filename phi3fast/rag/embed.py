@@ -54,12 +54,19 @@ class Embedder:
     """A loaded sentence-transformers model. Thread-safe: one lock around the model (fast tokenizers raise
     'Already borrowed' when two threads use one at once, and torch already uses every core per call)."""
 
-    def __init__(self, name: str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self, name: str | None = None, device: str | None = None, *, trust_remote_code: bool = False
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
         self.name = canonical_name(name)
+        self.trust_remote_code = trust_remote_code
         try:
-            self.model = SentenceTransformer(_resolve(self.name), device=device)  # None: CUDA if present
+            # trust_remote_code: models such as jina-embeddings ship their own modelling code; it runs only when
+            # the user asked for it (--trust-remote-code).
+            self.model = SentenceTransformer(
+                _resolve(self.name), device=device, trust_remote_code=trust_remote_code
+            )  # device None: CUDA if present
         except Phi3FastError:
             raise
         except Exception as e:  # a missing folder, no network for a hub name, a broken config
@@ -74,13 +81,13 @@ class Embedder:
         self._lock = threading.Lock()
 
     @classmethod
-    def shared(cls, name: str | None = None) -> Embedder:
+    def shared(cls, name: str | None = None, *, trust_remote_code: bool = False) -> Embedder:
         """One loaded model per name per process: opening several indexes (or running several CLI verbs in one
         process) loads the weights once. Safe to share: encode() holds the instance's lock."""
         key = canonical_name(name)
         with _SHARED_LOCK:
             if key not in _SHARED:
-                _SHARED[key] = cls(key)
+                _SHARED[key] = cls(key, trust_remote_code=trust_remote_code)
             return _SHARED[key]
 
     @property
