@@ -161,7 +161,6 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_a, lora_b, w, scale, backend):  # noqa: ANN001
-        n = w.shape[0]
         x2 = as_rows(x)
         xl2 = x2 if x_lora is None else as_rows(x_lora)
         # fp32 adapters over bf16 activations: compute in bf16; contiguous because the kernels assume unit stride.
@@ -173,13 +172,16 @@ class LoraLinearFunction(torch.autograd.Function):
             out = nf4.matmul_triton(x2, w, (t, b, scale))
         ctx.save_for_backward(xl2, t, lora_a, lora_b)
         ctx.w, ctx.scale, ctx.backend, ctx.same = w, scale, backend, x_lora is None
-        return out.view(*x.shape[:-1], n)
+        ctx.x_shape, ctx.xl_shape = x.shape, (x if x_lora is None else x_lora).shape
+        # [M, N]: lora_linear views it as [..., N] outside the Function, so the result is an ordinary autograd view
+        # that in-place ops (RoPE on the fused qkv output) may modify; a view made in here could not be.
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         xl2, t, lora_a, lora_b = ctx.saved_tensors
         need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
-        scale, lead = ctx.scale, grad_out.shape[:-1]
+        scale = ctx.scale
         g2 = as_rows(grad_out)
         a, b = lora_a.to(g2.dtype).contiguous(), lora_b.to(g2.dtype).contiguous()
         u = g2 @ b if (need_x and ctx.same) or need_xl or need_a else None
@@ -187,9 +189,9 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_x:
             lora = (u, a, scale) if ctx.same else None
             dx_fn = reference.lora_dx if ctx.backend == "torch" else dx_triton
-            dx = dx_fn(g2, ctx.w, lora).view(*lead, -1)
+            dx = dx_fn(g2, ctx.w, lora).view(ctx.x_shape)
         if need_xl:
-            dxl = (scale * (u @ a)).view(*lead, -1)
+            dxl = (scale * (u @ a)).view(ctx.xl_shape)
         if need_a:
             da = (scale * (u.t() @ xl2)).to(lora_a.dtype)
         if need_b:
@@ -224,7 +226,8 @@ def lora_linear(
     n, k = reference.check_weight(w)
     reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
     resolved = reference.resolve_backend(backend, x.device, x.dtype)
-    return LoraLinearFunction.apply(x, x_lora, lora_a, lora_b, w, float(scale), resolved)
+    out = LoraLinearFunction.apply(x, x_lora, lora_a, lora_b, w, float(scale), resolved)
+    return out.view(*x.shape[:-1], n)
 
 
 # ---- AOT specs ---------------------------------------------------------------------------------------------------
