@@ -23,18 +23,32 @@ hnswlib; 'ip' distance is 1 - dot and 'cosine' normalizes vectors, as there. Wha
   `BFIndex.delete_vector`, and truncated, corrupted or foreign files. Exceptions are hnswlib's types
   (RuntimeError, ValueError, TypeError) and also `phi3fast.errors.Phi3FastError`.
 - `save_index` writes a versioned, checksummed file atomically; `load_index` reads it and also hnswlib's own
-  index files (space and dim come from the Index they are loaded into).
+  index files (space and dim come from the Index they are loaded into); `BFIndex.load_index` also reads
+  hnswlib's BFIndex files.
+
+Coming from hnswlib (the converters live in phi3fast._hnswlib_compat):
+
+    index = hnsw.Index(hnswlib_index)                  # a live hnswlib.Index
+    index = hnsw.Index(hnswlib_index.__getstate__())   # its state, (params,) or the params dict itself
+    index = hnsw.load_hnswlib_pickle("index.pkl")      # a pickle of hnswlib objects, hnswlib not needed
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from phi3fast import _hnsw
+from phi3fast import _hnswlib_compat as compat
 from phi3fast._hnsw import (
-    BFIndex,
     HnswError,
     HnswOverflowError,
     HnswTypeError,
     HnswValueError,
-    Index,
     simd_level,
 )
 
@@ -43,6 +57,7 @@ SPACES = ("l2", "ip", "cosine")
 
 __all__ = [
     "BFIndex",
+    "load_hnswlib_pickle",
     "HnswError",
     "HnswOverflowError",
     "HnswTypeError",
@@ -52,3 +67,108 @@ __all__ = [
     "STORAGES",
     "simd_level",
 ]
+
+
+@contextmanager
+def _scratch_file(what: str) -> Iterator[str]:
+    """A temp path to hand bytes to the engine's `load_index(path)`. Going through a file keeps to the public
+    API (its byte-level entry is private to its pickle state); errors name `what`, not the temp path."""
+    with tempfile.TemporaryDirectory(prefix="phi3fast-hnswlib-") as d:
+        tmp = os.path.join(d, "index.bin")
+        try:
+            yield tmp
+        except HnswError as e:
+            raise HnswError(str(e).replace(tmp, what)) from None
+
+
+# Design note (hnswlib constructors): the C++ class already takes (space, dim) and (index). hnswlib's
+# params-dict constructor is added here in Python: the dict becomes hnswlib's own index file, which the
+# C++ loader reads, so there is one reader of hnswlib graphs and it validates every link.
+class Index(_hnsw.Index):
+    """hnswlib-compatible HNSW index. `Index(space, dim)`, `Index(index)` (a phi3fast or hnswlib index: a deep
+    copy) or `Index(params)` (hnswlib's params dict, or the `(params,)` tuple its `__getstate__` returns)."""
+
+    def __init__(
+        self,
+        space: str | Mapping[str, Any] | tuple[Any, ...] | _hnsw.Index | None = None,
+        dim: int | None = None,
+        *,
+        params: Mapping[str, Any] | tuple[Any, ...] | None = None,
+        index: Any = None,
+        simd: str | None = None,
+    ) -> None:
+        if params is None and index is None and space is not None and not isinstance(space, str):
+            # hnswlib's positional forms: Index(params) and Index(index)
+            if isinstance(space, (Mapping, tuple)):
+                params = space
+            else:
+                index = space
+            space = None
+        if index is not None and compat.is_hnswlib_index(index):
+            params, index = index.__getstate__(), None
+        if (params is not None) + (index is not None) + (space is not None or dim is not None) != 1:
+            raise HnswTypeError("Index() takes (space, dim), (params) or (index)")
+        if params is not None:
+            self._init_from_params(compat.parse_params(params), simd)
+        elif index is not None:
+            if not isinstance(index, _hnsw.Index):
+                raise HnswTypeError(
+                    f"Index(index): expected a phi3fast or hnswlib Index, got {type(index).__name__}"
+                )
+            super().__init__(index)
+        else:
+            if space is None or dim is None:
+                raise HnswTypeError("Index() takes (space, dim), (params) or (index)")
+            super().__init__(space, dim, simd=simd)
+
+    def _init_from_params(self, p: compat.HnswlibParams, simd: str | None) -> None:
+        super().__init__(p.space, p.dim, simd=simd)
+        if p.index_file is not None:
+            with _scratch_file("hnswlib params") as tmp:
+                Path(tmp).write_bytes(p.index_file)
+                self.load_index(tmp, 0, p.allow_replace_deleted)
+        self.set_ef(p.ef)
+        self.set_num_threads(p.num_threads)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        # hnswlib's pickles carry (params,); ours carry the engine's own tuple
+        if compat.is_hnswlib_state(state):
+            self._init_from_params(compat.parse_params(state), None)
+        else:
+            super().__setstate__(state)
+
+
+class BFIndex(_hnsw.BFIndex):
+    """hnswlib-compatible exact index; `load_index` reads phi3fast's and hnswlib's BFIndex files."""
+
+    def load_index(self, path_to_index: str, max_elements: int = 0) -> None:
+        path = os.fspath(path_to_index)
+        try:
+            with open(path, "rb") as f:
+                ours = f.read(len(compat.BF_MAGIC)) == compat.BF_MAGIC
+        except OSError:
+            ours = True  # the engine raises hnswlib's error for a missing or unreadable file
+        if ours:
+            return super().load_index(path, max_elements)
+        vectors, labels, cap = compat.read_bf_file(path, self.dim)
+        # Stage through a fresh engine index and its own file format: load_index then replaces this index's
+        # contents exactly as for a phi3fast file (an initialized index can only be replaced by a load).
+        staged = _hnsw.BFIndex(self.space, self.dim)
+        staged.init_index(max(cap, max_elements, len(labels)))
+        try:
+            if len(labels):
+                staged.add_items(vectors, labels)
+        except (HnswError, HnswValueError) as e:
+            raise HnswError(f"Index seems to be corrupted or unsupported: {path}: {e}") from None
+        with _scratch_file(path) as tmp:
+            staged.save_index(tmp)
+            super().load_index(tmp, max_elements)
+
+
+def load_hnswlib_pickle(file: str | os.PathLike[str] | IO[bytes]) -> Any:
+    """Unpickle hnswlib.Index objects (alone or inside lists, dicts, tuples) as phi3fast.hnsw.Index, without
+    hnswlib installed. Other classes in the pickle are refused, so a foreign pickle cannot run code."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as f:
+            return compat.load_pickle(f)
+    return compat.load_pickle(file)
