@@ -7,5 +7,9 @@ backend='triton'.
 
 from .lora import lora_linear
 from .nf4 import nf4_dequantize, nf4_matmul
+from .rmsnorm import rms_norm
+from .rope import rope_qkv_
+from .swiglu import swiglu
 
 __all__ = ["lora_linear", "nf4_dequantize", "nf4_matmul"]
+__all__ += ["rms_norm", "rope_qkv_", "swiglu"]  # row-wise kernels (issue #7)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from phi3fast.config import Phi3Config
+from phi3fast.errors import Phi3FastError
 
 if TYPE_CHECKING:
     from phi3fast.quant import NF4Weight
@@ -95,12 +96,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
+        self.kernel_backend = "auto"  # set by Phi3ForCausalLM.set_kernel_backend
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in fp32, then cast back before the weight, exactly as transformers' Phi3RMSNorm.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalize in fp32, then cast back before the weight, exactly as transformers' Phi3RMSNorm; the torch
+        # backend runs exactly that code (phi3fast.kernels.rmsnorm.rms_norm_reference).
+        from phi3fast.kernels import rms_norm
+
+        return rms_norm(x, self.weight, self.eps, self.kernel_backend)
 
 
 class RotaryEmbedding(nn.Module):
@@ -135,19 +138,6 @@ class RotaryEmbedding(nn.Module):
         return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # transformers computes x * cat(cos, cos) + rotate_half(x) * cat(sin, sin); per half that is
-    # (x1 cos - x2 sin, x2 cos + x1 sin), the same roundings without the negation and the rotate_half copy.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """RoPE with half-width cos/sin [B, T, D/2] (broadcast over heads)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
 @dataclass
 class KVCache:
     """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim]."""
@@ -180,17 +170,23 @@ class Attention(nn.Module):
         )
         self.qkv_proj = Phi3Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim)
         self.o_proj = Phi3Linear(self.n_heads * self.head_dim, config.hidden_size)
+        self.kernel_backend = "auto"  # set by Phi3ForCausalLM.set_kernel_backend
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool, cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        # RoPE in place on the fused projection output, q and k heads only (phi3fast.kernels.rope). transformers
+        # computes x * cat(cos, cos) + rotate_half(x) * cat(sin, sin); per half that is (x1 cos - x2 sin,
+        # x2 cos + x1 sin), the same roundings, which the torch backend computes.
+        from phi3fast.kernels import rope_qkv_
+
+        qkv = rope_qkv_(self.qkv_proj(x), cos, sin, self.n_heads, self.n_kv, self.kernel_backend)
+        q, k, v = qkv.split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
         q = q.view(B, T, self.n_heads, hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv, hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, hd).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if self.n_kv != self.n_heads:  # GQA (Phi-3-medium): each kv head serves n_heads / n_kv query heads
@@ -205,10 +201,13 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Phi3Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = Phi3Linear(config.intermediate_size, config.hidden_size)
+        self.kernel_backend = "auto"  # set by Phi3ForCausalLM.set_kernel_backend
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # fused rows: gate first, then up
-        return self.down_proj(up * F.silu(gate))
+        # Fused rows: gate first, then up; the torch backend computes up * silu(gate), as transformers does.
+        from phi3fast.kernels import swiglu
+
+        return self.down_proj(swiglu(self.gate_up_proj(x), self.kernel_backend))
 
 
 class DecoderLayer(nn.Module):
@@ -277,6 +276,28 @@ class Phi3ForCausalLM(nn.Module):
         self.model_dir: Path | None = None
         self.name_or_path = ""  # what the caller passed (a path or a Hub id); adapters record it
         self.lora_config: Any = None  # set by phi3fast.lora.apply_lora
+        self._kernel_backend = "auto"  # each RMSNorm, Attention and MLP starts at 'auto' too
+
+    @property
+    def kernel_backend(self) -> str:
+        """Backend of the norms, RoPE and SwiGLU: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'."""
+        return self._kernel_backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, backend: str) -> None:
+        self.set_kernel_backend(backend)
+
+    def set_kernel_backend(self, backend: str) -> None:
+        """Pick the backend of the row-wise kernels (RMSNorm, RoPE, SwiGLU) in every layer; the linears keep
+        their own 'auto' (NF4/LoRA kernels on CUDA)."""
+        from phi3fast.kernels.reference import BACKENDS
+
+        if backend not in BACKENDS:
+            raise Phi3FastError(f"kernel backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        self._kernel_backend = backend
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.kernel_backend = backend
 
     @property
     def dtype(self) -> torch.dtype:
