@@ -8,6 +8,10 @@ projected at all: in chat data most positions are prompt and cost nothing.
 
 reduction='sum' returns the summed loss; the caller divides by the token count of the whole accumulated batch,
 which makes gradient accumulation (and data parallelism) equal to one large batch.
+
+Backends: the chunk loop and its autograd Function live in phi3fast.kernels.cross_entropy, next to the Triton
+row kernel; this module holds the argument checks and `ce_rows_torch`, the PyTorch row math that is the CPU path
+(backend='torch', and 'auto' off CUDA) and the kernel's oracle.
 """
 
 from __future__ import annotations
@@ -20,60 +24,61 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK = 1024
 
 
-def _chunked_ce(
+def ce_rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) -> torch.Tensor:
+    """fp32 loss of each row of logits [n, V] against labels [n] (all in [0, V)); with write_grad, logits is
+    overwritten with d(loss)/d(logits) = softmax - onehot(labels)."""
+    x = logits.float()  # fp32 logits are used (and overwritten) in place; 16-bit ones get one fp32 copy
+    target = x.gather(1, labels[:, None]).squeeze(1)
+    # log-sum-exp by hand, in place: the exponentials it needs are the softmax the gradient needs.
+    peak = x.amax(dim=-1, keepdim=True)
+    expd = x.sub_(peak).exp_()
+    denom = expd.sum(dim=-1, keepdim=True)
+    loss = peak.squeeze(1) + denom.squeeze(1).log() - target
+    if write_grad:
+        p = expd.div_(denom)
+        p[torch.arange(p.shape[0], device=p.device), labels] -= 1.0
+        if p.data_ptr() != logits.data_ptr():
+            logits.copy_(p)
+    return loss
+
+
+def check_args(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int,
-    grad_h: bool,
-    grad_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Summed loss over rows with a target; optionally d(loss)/d(hidden) and d(loss)/d(weight)."""
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    g_hidden = torch.zeros_like(hidden) if grad_h else None
-    g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None
-    idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    for s in range(0, idx.numel(), chunk_size):
-        rows = idx[s : s + chunk_size]
-        h = hidden.index_select(0, rows)
-        y = labels.index_select(0, rows)
-        logits = (h @ weight.T).float()  # [n, V]: the only fp32 logits alive at any time
-        target = logits.gather(1, y[:, None]).squeeze(1)
-        # log-sum-exp by hand, in place: the exponentials it needs are the softmax the gradient needs.
-        peak = logits.amax(dim=-1, keepdim=True)
-        expd = logits.sub_(peak).exp_()
-        denom = expd.sum(dim=-1, keepdim=True)
-        total += (peak.squeeze(1) + denom.squeeze(1).log() - target).sum()
-        if grad_h or grad_w:
-            # d(lse - logit_y)/d(logits) = softmax - onehot(y), still in the chunk's buffer.
-            p = expd.div_(denom)
-            p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
-            if grad_h:
-                g_hidden.index_copy_(0, rows, (p.to(weight.dtype) @ weight).to(hidden.dtype))
-            if grad_w:
-                g_weight += p.T @ h.float()
-    return total, g_hidden, g_weight
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):  # type: ignore[override]
-        loss, g_hidden, g_weight = _chunked_ce(
-            hidden, weight, labels, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ignore_index: int,
+    chunk_size: int | None,
+    reduction: str,
+) -> tuple[torch.Tensor, int]:
+    """Validate the arguments of a chunked cross-entropy; returns labels as int64 with every ignored position
+    set to IGNORE_INDEX, and the chunk size (None -> DEFAULT_CHUNK)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
         )
-        ctx.save_for_backward(
-            g_hidden if g_hidden is not None else torch.empty(0),
-            g_weight if g_weight is not None else torch.empty(0),
-        )
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        g_hidden, g_weight = ctx.saved_tensors
-        dh = g_hidden * grad_out.to(g_hidden.dtype) if ctx.needs_input_grad[0] else None
-        dw = (g_weight * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    labels = labels.long()
+    ignored = labels == ignore_index
+    if ignore_index != IGNORE_INDEX:
+        labels = labels.masked_fill(ignored, IGNORE_INDEX)
+    v = weight.shape[0]
+    # The row kernel indexes the logits with the label, so an out-of-range one must never reach it.
+    bad = ~ignored & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {v}) and not the "
+                         f"ignore_index {ignore_index}")  # fmt: skip
+    return labels, chunk
 
 
 def chunked_cross_entropy(
@@ -83,29 +88,15 @@ def chunked_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = DEFAULT_CHUNK,
     reduction: str = "sum",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of softmax(hidden @ weight.T) against labels, chunked over rows. fp32 result.
 
     hidden [N, H], weight [V, H], labels [N] (ignore_index = no loss). reduction: 'sum' or 'mean' (over the
-    rows with a target; 0 when there are none).
+    rows with a target; 0 when there are none). backend: 'torch' = the PyTorch row math (CPU path and oracle),
+    'triton' = the fused Triton row kernel (phi3fast.kernels.fused_linear_cross_entropy), 'auto' = Triton on
+    CUDA, torch elsewhere.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
-        )
-    if labels.shape != hidden.shape[:1]:
-        raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    labels = labels.long()
-    if ignore_index != IGNORE_INDEX:
-        labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        loss = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size)
-    else:
-        loss = _chunked_ce(hidden, weight, labels, chunk_size, False, False)[0]
-    if reduction == "mean":
-        loss = loss / max(int((labels != IGNORE_INDEX).sum()), 1)
-    return loss
+    from phi3fast.kernels.cross_entropy import fused_linear_cross_entropy
+
+    return fused_linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size, reduction, backend)
