@@ -35,12 +35,13 @@ Coming from hnswlib (the converters live in phi3fast._hnswlib_compat):
 
 from __future__ import annotations
 
+import copyreg
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, SupportsIndex
 
 from phi3fast import _hnsw
 from phi3fast import _hnswlib_compat as compat
@@ -81,6 +82,12 @@ def _scratch_file(what: str) -> Iterator[str]:
             raise HnswError(str(e).replace(tmp, what)) from None
 
 
+def _reduce(obj: Any) -> tuple[Any, ...]:
+    """Pickle as protocol 2+ does (new instance, then __setstate__) at every protocol: protocols 0 and 1 would
+    otherwise rebuild the object through object.__new__, which a pybind11 class cannot survive (it aborts)."""
+    return copyreg.__newobj__, (type(obj),), obj.__getstate__()
+
+
 # Design note (hnswlib constructors): the C++ class already takes (space, dim) and (index). hnswlib's
 # params-dict constructor is added here in Python: the dict becomes hnswlib's own index file, which the
 # C++ loader reads, so there is one reader of hnswlib graphs and it validates every link.
@@ -108,7 +115,9 @@ class Index(_hnsw.Index):
             params, index = index.__getstate__(), None
         if (params is not None) + (index is not None) + (space is not None or dim is not None) != 1:
             raise HnswTypeError("Index() takes (space, dim), (params) or (index)")
-        if params is not None:
+        if isinstance(params, tuple) and not compat.is_hnswlib_state(params):
+            super().__setstate__(params)  # our own __getstate__(), so Index(ix.__getstate__()) works for both
+        elif params is not None:
             self._init_from_params(compat.parse_params(params), simd)
         elif index is not None:
             if not isinstance(index, _hnsw.Index):
@@ -130,6 +139,9 @@ class Index(_hnsw.Index):
         self.set_ef(p.ef)
         self.set_num_threads(p.num_threads)
 
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        return _reduce(self)
+
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         # hnswlib's pickles carry (params,); ours carry the engine's own tuple
         if compat.is_hnswlib_state(state):
@@ -140,6 +152,9 @@ class Index(_hnsw.Index):
 
 class BFIndex(_hnsw.BFIndex):
     """hnswlib-compatible exact index; `load_index` reads phi3fast's and hnswlib's BFIndex files."""
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        return _reduce(self)
 
     def load_index(self, path_to_index: str, max_elements: int = 0) -> None:
         path = os.fspath(path_to_index)
