@@ -2,17 +2,15 @@
 
 On-disk layout
 --------------
-    INDEX_DIR/MANIFEST.json         {"format", "version", "generation", "embedder": {name, dim, max_seq_length},
-                                     "chunk_tokens", "overlap", "chunks", "files", "sizes": {file: bytes}}
-    INDEX_DIR/gen-000007/chunks.sqlite   files, chunks (+ their vectors), the FTS5 table
-    INDEX_DIR/gen-000007/vectors.hnsw    the phi3fast.hnsw graph, labels = chunk ids
-    INDEX_DIR/.lock                 flock'ed by the one writer
+    INDEX_DIR/MANIFEST.json   {"format", "version", "generation", "store": {kind, ...},
+                               "embedder": {name, dim, max_seq_length, trust_remote_code},
+                               "chunk_tokens", "overlap", "chunks", "files", "sizes": {file: bytes}}
+    INDEX_DIR/.lock           flock'ed by the one writer
 
-Atomic commit: a build copies the current generation into `gen-NNNNNN.tmp`, applies the changes there, saves,
-fsyncs, renames the folder, then replaces MANIFEST.json (temp file + os.replace). Until that last step every
-reader and every later run sees the previous generation whole, so a crash or Ctrl-C mid-run loses nothing; the
-stale .tmp folder is removed by the next build. The previous generation is kept one more round so a reader that
-read the old manifest a moment ago can still open its files.
+The chunks, vectors and keyword index live in a store (backend.py has the interface): the built-in one
+(store.py: SQLite + FTS5 + phi3fast.hnsw in INDEX_DIR/gen-NNNNNN/, the default) or a Milvus collection
+(milvus.py, `store="milvus:URI"`), which the manifest names. Searching, fusion and results are this module's,
+whatever the store, so both give the same hybrid ranking and the same JSON.
 
 Exact identifiers
 -----------------
@@ -26,11 +24,7 @@ ranked by BM25. A question without identifiers fuses dense and keyword only, as 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
-import shutil
-import sqlite3
 import sys
 import threading
 import time
@@ -40,25 +34,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from phi3fast.errors import Phi3FastError
-from phi3fast.rag.chunking import chunk_document
+from phi3fast.rag.backend import (
+    EXPORT_COLUMNS,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    Backend,
+    Writer,
+    plan_changes,
+    read_manifest,
+    write_manifest,
+)
 from phi3fast.rag.embed import DEFAULT_EMBEDDER, Embedder, canonical_name
-from phi3fast.rag.readers import SkipFile, iter_files, read_documents
-from phi3fast.rag.store import Store
-from phi3fast.rag.vectors import VectorStore
+from phi3fast.rag.store import BuiltinBackend, BuiltinWriter, Store
 
-FORMAT = "phi3fast-rag-index"
-VERSION = 1
-MANIFEST = "MANIFEST.json"
-DB_FILE = "chunks.sqlite"
-VEC_FILE = "vectors.hnsw"
 RRF_K = (
     60  # reciprocal rank fusion constant from Cormack et al. (2009); damps the weight of the top few ranks
 )
 DEFAULT_CHUNK_TOKENS = 256
 DEFAULT_OVERLAP = 32
+EXPORT_BATCH = 2048  # rows per Parquet row group: bounded memory for any index size
 
 Mode = Literal["hybrid", "dense", "keyword"]
 MODES: tuple[str, ...] = ("hybrid", "dense", "keyword")
@@ -112,31 +108,6 @@ def _warn_stderr(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
-def _read_manifest(out: Path) -> dict:
-    path = out / MANIFEST
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Phi3FastError(f"{path}: corrupt index manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise Phi3FastError(f"{path}: not a phi3fast RAG index manifest")
-    if m.get("version") != VERSION:
-        raise Phi3FastError(f"{path}: index format version {m.get('version')}, this phi3fast reads {VERSION}")
-    try:
-        int(m["embedder"]["dim"]), str(m["generation"]), int(m["chunks"]), dict(m["sizes"])
-    except (KeyError, TypeError, ValueError):
-        raise Phi3FastError(f"{path}: corrupt index manifest (missing fields)") from None
-    return m
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _writer_lock(out: Path):  # noqa: ANN202
     """One writer per index: flock on INDEX_DIR/.lock (released by the kernel if the process dies)."""
@@ -153,43 +124,55 @@ def _writer_lock(out: Path):  # noqa: ANN202
         f.close()
 
 
-class Index:
-    """An opened index. Thread-safe for searches: one read-only SQLite connection per thread."""
+def _same_embedder(a: dict, b: dict) -> bool:
+    """Same vectors: trust_remote_code is how a model may be loaded, not which model it is."""
+    keys = ("name", "dim", "max_seq_length")
+    return all(a.get(k) == b.get(k) for k in keys)
 
-    def __init__(self, path: Path, manifest: dict, embedder: Embedder | None) -> None:
+
+def _open_backend(path: Path, manifest: dict) -> Backend:
+    kind = manifest["store"].get("kind")
+    if kind == "builtin":
+        return BuiltinBackend.open(path / manifest["generation"], manifest)
+    if kind == "milvus":
+        from phi3fast.rag.milvus import MilvusBackend
+
+        return MilvusBackend.open(manifest["store"], int(manifest["embedder"]["dim"]), path)
+    raise Phi3FastError(f"{path / MANIFEST}: unknown store kind {kind!r} (a newer phi3fast wrote it?)")
+
+
+class Index:
+    """An opened index. Thread-safe for searches."""
+
+    def __init__(
+        self, path: Path, manifest: dict, embedder: Embedder | None, trust_remote_code: bool
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.gen_dir = path / manifest["generation"]
         self.embedder_name: str = manifest["embedder"]["name"]
         self.dim: int = int(manifest["embedder"]["dim"])
+        self.trust_remote_code = trust_remote_code
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
-        self._local = threading.local()
         self.build_stats: BuildStats | None = None
-        self._store()  # open and check in the calling thread, so a corrupt database fails open(), not search()
-        self.vectors = VectorStore.load(self.gen_dir / VEC_FILE, self.dim)
-        if len(self.vectors) < int(manifest["chunks"]):
-            raise Phi3FastError(f"{self.gen_dir / VEC_FILE}: fewer vectors than chunks (corrupt index)")
+        self.backend: Backend = _open_backend(path, manifest)
 
     # -- opening --
     @classmethod
-    def open(cls, path: str | Path, embedder: str | Embedder | None = None) -> Index:
+    def open(
+        cls, path: str | Path, embedder: str | Embedder | None = None, *, trust_remote_code: bool = False
+    ) -> Index:
         """Open an index. embedder (a name, a folder, or a loaded Embedder) must be the one it was built with;
-        by default the recorded one is loaded when a dense or hybrid search first needs it."""
+        by default the recorded one is loaded when a dense or hybrid search first needs it.
+
+        trust_remote_code is never taken from the manifest (a copied index must not run code on its own say):
+        an index built with --trust-remote-code is searched with it too."""
         path = Path(path)
         if not (path / MANIFEST).is_file():
             what = "no such directory" if not path.exists() else f"no {MANIFEST}"
             raise Phi3FastError(f"{path}: not a phi3fast index ({what}); build one with `phi3fast index`")
-        m = _read_manifest(path)
-        gen = path / m["generation"]
-        for name, size in m["sizes"].items():
-            f = gen / name
-            if not f.is_file():
-                raise Phi3FastError(f"{f}: missing (corrupt index; rebuild it with `phi3fast index`)")
-            if f.stat().st_size != int(size):
-                raise Phi3FastError(
-                    f"{f}: {f.stat().st_size} bytes, the manifest says {size} (truncated or corrupt index)"
-                )
+        m = read_manifest(path)
         if embedder is not None:
             name = embedder.name if isinstance(embedder, Embedder) else canonical_name(embedder)
             if name != m["embedder"]["name"]:
@@ -199,7 +182,7 @@ class Index:
                 )
             if isinstance(embedder, str):
                 embedder = None  # loaded lazily, under the recorded name
-        index = cls(path, m, embedder)
+        index = cls(path, m, embedder, trust_remote_code)
         if index._embedder is not None:
             index._check_embedder(index._embedder)
         return index
@@ -214,30 +197,19 @@ class Index:
     def embedder(self) -> Embedder:
         with self._embedder_lock:
             if self._embedder is None:
-                emb = Embedder.shared(self.embedder_name)
+                emb = Embedder.shared(self.embedder_name, trust_remote_code=self.trust_remote_code)
                 self._check_embedder(emb)
                 self._embedder = emb
             return self._embedder
 
     def _store(self) -> Store:
-        store = getattr(self._local, "store", None)
-        if store is None:
-            db = self.gen_dir / DB_FILE
-            try:
-                store = Store(db, readonly=True)
-                store.check()
-                count = store.count()
-            except sqlite3.DatabaseError as e:
-                raise Phi3FastError(f"{db}: corrupt chunk database ({e})") from None
-            if count != int(self.manifest["chunks"]):
-                raise Phi3FastError(
-                    f"{db}: {count} chunks, the manifest says {self.manifest['chunks']} (corrupt)"
-                )
-            self._local.store = store
-        return store
+        """This thread's SQLite connection of a built-in index (tests and bench/ read it directly)."""
+        if not isinstance(self.backend, BuiltinBackend):
+            raise Phi3FastError(f"{self.path}: not a built-in store index")
+        return self.backend.store()
 
     def __len__(self) -> int:
-        return int(self.manifest["chunks"])
+        return self.backend.view().count()
 
     # -- searching --
     def search(self, question: str, k: int = 5, mode: Mode = "hybrid") -> list[SearchResult]:
@@ -248,26 +220,25 @@ class Index:
             raise Phi3FastError(f"k must be >= 1, got {k}")
         if not question.strip():
             raise Phi3FastError("empty question")
-        live = len(self)
+        reader = self.backend.view()  # one consistent view for the whole search
+        live = reader.count()
         # Fusion needs candidates beyond k from each side: a chunk ranked 30th by one and 2nd by the other wins.
         depth = min(live, max(4 * k, 40) if mode == "hybrid" else k)
-        store = self._store()
         dense: list[tuple[int, float]] = []
         keyword: list[tuple[int, float]] = []
         if mode in ("dense", "hybrid") and depth > 0:
-            ids, sims = self.vectors.search(self.embedder.encode([question])[0], depth)
-            dense = list(zip(ids.tolist(), sims.tolist(), strict=True))
+            dense = reader.dense(self.embedder.encode([question])[0], depth)
         if mode in ("keyword", "hybrid"):
-            keyword = store.keyword_search(question, depth)
+            keyword = reader.keyword(question, depth)
         if mode == "dense":
             ranked = dense
         elif mode == "keyword":
             ranked = keyword
         else:
             # See "Exact identifiers" in the module docstring: a third ranked list for part numbers and codes.
-            ranked = rrf_fuse(dense, keyword, store.identifier_search(question, depth))
+            ranked = rrf_fuse(dense, keyword, reader.identifier(question, depth))
         ranked = ranked[:k]
-        rows = store.chunks([cid for cid, _ in ranked])
+        rows = reader.rows([cid for cid, _ in ranked])
         out = []
         for cid, score in ranked:
             row = rows.get(cid)
@@ -277,6 +248,40 @@ class Index:
                 SearchResult(len(out) + 1, row.source, row.heading, score, row.text, row.start, row.end)
             )
         return out
+
+    # -- exporting --
+    def export_parquet(self, out: str | Path) -> int:
+        """Write every chunk (id, vector, text and metadata; EXPORT_COLUMNS) to a Parquet file, atomically;
+        return the row count. The column names are the Milvus collection's, so Milvus bulk import takes it."""
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise Phi3FastError("--export-parquet needs pyarrow: pip install 'phi3fast[milvus]'") from None
+        out = Path(out)
+        if out.is_dir():
+            raise Phi3FastError(f"--export-parquet {out}: is a directory; give a file name")
+        if not out.parent.is_dir():
+            raise Phi3FastError(f"--export-parquet {out}: no such directory {out.parent}")
+        types = {"id": pa.int64(), "vector": pa.list_(pa.float32()), "start": pa.int64(), "end": pa.int64()}
+        schema = pa.schema([(c, types.get(c, pa.string())) for c in EXPORT_COLUMNS])
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        n = 0
+        try:
+            with pq.ParquetWriter(tmp, schema) as w:
+                for cols in self.backend.view().export_batches(EXPORT_BATCH):
+                    w.write_table(pa.table(cols, schema=schema))
+                    n += len(cols["id"])
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return n
 
     # -- building --
     @classmethod
@@ -288,6 +293,8 @@ class Index:
         embedder: str | Embedder | None = None,
         chunk_tokens: int | None = None,
         overlap: int | None = None,
+        store: str | None = None,
+        trust_remote_code: bool = False,
         progress: bool = True,
         warn: Callable[[str], None] = _warn_stderr,
     ) -> Index:
@@ -295,16 +302,28 @@ class Index:
 
         The index mirrors the paths given: files no longer found under them are removed from it. Options left
         None keep the values the index was built with (or the defaults for a new index); changing the embedder
-        or the chunking re-embeds everything.
+        or the chunking re-embeds everything. store: "builtin" (the default for a new index) or "milvus:URI"
+        (see phi3fast.rag.milvus); an index stays in the store it was built in.
         """
+        from phi3fast.rag.milvus import parse_store, same_store, store_label
+
         out = Path(out)
         roots = [Path(p) for p in paths]
         if not roots:
             raise Phi3FastError("nothing to index: give at least one file or folder")
         if out.exists() and not out.is_dir():
             raise Phi3FastError(f"--out {out}: exists and is not a directory")
+        wanted = parse_store(store) if store is not None else None
         if out.is_dir():
-            foreign = [p.name for p in out.iterdir() if p.name not in (MANIFEST, ".lock", MANIFEST + ".tmp")]
+            allowed = {MANIFEST, ".lock", MANIFEST + ".tmp"}
+            lite = {(wanted or {}).get("uri")}  # a Milvus Lite file may sit in the index directory
+            try:
+                lite.add(read_manifest(out)["store"].get("uri"))
+            except Phi3FastError:
+                pass
+            foreign = [
+                p.name for p in out.iterdir() if p.name not in allowed and str(p.resolve()) not in lite
+            ]
             foreign = [n for n in foreign if not n.startswith("gen-")]
             if foreign:
                 raise Phi3FastError(
@@ -315,9 +334,15 @@ class Index:
             prev = None
             if (out / MANIFEST).exists():
                 try:
-                    prev = _read_manifest(out)
+                    prev = read_manifest(out)
                 except Phi3FastError as e:
                     warn(f"{e}; rebuilding the index from scratch")
+            if prev is not None and wanted is not None and not same_store(prev["store"], wanted):
+                raise Phi3FastError(
+                    f"--out {out}: this index lives in {store_label(prev['store'])}; it cannot move to "
+                    f"{store_label(wanted)}: build into a new --out directory"
+                )
+            store_cfg = prev["store"] if prev is not None else (wanted or {"kind": "builtin"})
             name = (
                 canonical_name(embedder)
                 if isinstance(embedder, str)
@@ -336,7 +361,11 @@ class Index:
                 raise Phi3FastError(
                     f"--overlap must be in [0, chunk_tokens/2) = [0, {chunk_tokens // 2}), got {overlap}"
                 )
-            emb = embedder if isinstance(embedder, Embedder) else Embedder.shared(name)
+            if isinstance(embedder, Embedder):
+                emb = embedder
+                trust_remote_code = bool(getattr(emb, "trust_remote_code", trust_remote_code))
+            else:
+                emb = Embedder.shared(name, trust_remote_code=trust_remote_code)
             t0 = time.perf_counter()  # after the model load: the stats measure indexing, not start-up
             if chunk_tokens > emb.max_seq_length:
                 # Longer chunks would be silently cut by the model: refuse instead. (Up to the window itself is
@@ -345,110 +374,55 @@ class Index:
                     f"--chunk-tokens {chunk_tokens} exceeds the {emb.max_seq_length}-token window of embedder "
                     f"'{emb.name}'"
                 )
-            config = {"embedder": asdict(emb.info), "chunk_tokens": chunk_tokens, "overlap": overlap}
-            fresh = prev is None or any(prev.get(key) != v for key, v in config.items())
+            config = {
+                "embedder": {**asdict(emb.info), "trust_remote_code": trust_remote_code},
+                "chunk_tokens": chunk_tokens,
+                "overlap": overlap,
+            }
+            fresh = (
+                prev is None
+                or not _same_embedder(prev["embedder"], config["embedder"])
+                or (prev["chunk_tokens"], prev["overlap"]) != (chunk_tokens, overlap)
+            )
             if prev is not None and fresh:
                 warn(f"{out}: embedder or chunking changed; re-embedding every file")
             elif prev is not None:
-                try:  # an update starts from the current generation: it must be whole
-                    cls.open(out, embedder=emb)
+                try:  # an update starts from the current index: it must be whole
+                    cls.open(out, embedder=emb, trust_remote_code=trust_remote_code)
                 except Phi3FastError as e:
+                    if store_cfg["kind"] != "builtin":
+                        raise  # a server we cannot reach is not a reason to start over
                     warn(f"{e}; rebuilding the index from scratch")
                     fresh = True
-            stats = _build_generation(out, roots, emb, prev, fresh, config, progress, warn, t0)
-        index = cls.open(out, embedder=emb)
+            if store_cfg["kind"] == "builtin":
+                writer: Writer = BuiltinWriter(out, prev, fresh, emb.dim)
+            else:
+                from phi3fast.rag.milvus import MilvusWriter
+
+                writer = MilvusWriter(out, store_cfg, fresh, emb.dim, progress, warn)
+            stats = _run_build(out, writer, roots, emb, config, progress, warn, t0)
+        index = cls.open(out, embedder=emb, trust_remote_code=trust_remote_code)
         index.build_stats = stats
         return index
 
 
-def _next_generation(prev: dict | None) -> str:
-    n = int(prev["generation"].split("-")[1]) + 1 if prev else 1
-    return f"gen-{n:06d}"
-
-
-def _build_generation(
+def _run_build(
     out: Path,
+    writer: Writer,
     roots: list[Path],
     emb: Embedder,
-    prev: dict | None,
-    fresh: bool,
     config: dict,
     progress: bool,
     warn: Callable[[str], None],
     t0: float,
 ) -> BuildStats:
-    gen = _next_generation(prev)
-    # Left by an interrupted run (a .tmp folder, or a renamed one whose manifest switch never happened):
-    # we hold the lock and no manifest points there, so nobody reads them.
-    for stale in out.glob("gen-*"):
-        if stale.name.endswith(".tmp") or stale.name >= gen:
-            shutil.rmtree(stale, ignore_errors=True)
-    # A name of its own per run: a connection of a crashed run that is closed late must never touch our files.
-    tmp = out / f"{gen}.{os.getpid()}-{time.monotonic_ns()}.tmp"
-    tmp.mkdir()
-    store = None
+    """The build every store shares: plan, embed in batches, hand each batch to the writer, commit."""
     try:
-        store = Store(tmp / DB_FILE)
-        if fresh:
-            vectors = VectorStore.create(emb.dim)
-        else:
-            src = sqlite3.connect(f"file:{out / prev['generation'] / DB_FILE}?mode=ro", uri=True)
-            try:
-                src.backup(store.db)
-            except sqlite3.DatabaseError as e:
-                raise Phi3FastError(
-                    f"{out / prev['generation'] / DB_FILE}: corrupt chunk database ({e})"
-                ) from None
-            finally:
-                src.close()
-            vectors = VectorStore.load(out / prev["generation"] / VEC_FILE, emb.dim)
-        old = store.file_hashes()
-
-        # Which files changed: content hash, not mtime (a copy or checkout touches mtimes of unchanged files).
-        todo: list[tuple[str, str, list]] = []  # (source, sha256, chunks)
-        seen: set[str] = set()
-        added = changed = unchanged = skipped = 0
-
-        def budget(heading: str) -> int:
-            room = emb.max_seq_length - 2 - (emb.count_tokens(heading) + 1 if heading else 0)
-            return max(config["overlap"] + 8, min(config["chunk_tokens"], room))
-
-        for path, source in iter_files(roots):
-            try:
-                data = path.read_bytes()
-            except OSError as e:  # permissions, a file removed mid-run: skip it like any unusable file
-                warn(f"{path}: skipped: unreadable ({e.strerror or e})")
-                skipped += 1
-                continue
-            sha = hashlib.sha256(data).hexdigest()
-            if old.get(source) == sha:
-                seen.add(source)
-                unchanged += 1
-                continue
-            try:
-                docs = read_documents(path, source)
-            except SkipFile as e:
-                warn(f"{path}: skipped: {e}")
-                skipped += 1
-                continue
-            chunks = [
-                c for d in docs for c in chunk_document(d, emb.token_offsets, budget, config["overlap"])
-            ]
-            if not chunks:
-                warn(f"{path}: skipped: no text to index")
-                skipped += 1
-                continue
-            seen.add(source)
-            todo.append((source, sha, chunks))
-            changed += source in old
-            added += source not in old
-
-        store.begin()
-        removed = [s for s in old if s not in seen]
-        for source in removed + [s for s, _, _ in todo if s in old]:
-            vectors.delete(store.remove_file(source))
-        texts = [c.embed_text() for _, _, chunks in todo for c in chunks]
-        flat = [(source, sha, c) for source, sha, chunks in todo for c in chunks]
+        old = writer.file_hashes()
+        plan = plan_changes(roots, old, emb.token_offsets, emb.count_tokens, emb.max_seq_length, config, warn)
+        writer.begin(plan, old)
+        flat = [(source, sha, i, c) for source, sha, chunks in plan.todo for i, c in enumerate(chunks)]
+        texts = [c.embed_text() for *_, c in flat]
         pos = 0
         embed_s = 0.0
         batches = emb.encode_batches(texts, progress=progress)
@@ -458,62 +432,26 @@ def _build_generation(
             embed_s += time.perf_counter() - t_embed
             if vecs is None:
                 break
-            ids = []
-            for (source, _, c), v in zip(flat[pos : pos + len(vecs)], vecs, strict=True):
-                ids += store.add_chunks(source, [(c.source, c.heading, c.start, c.end, c.text)], v[None])
-            vectors.add(vecs, np.array(ids, np.int64))
+            writer.add(flat[pos : pos + len(vecs)], vecs)
             pos += len(vecs)
-        for source, sha, chunks in todo:
-            store.set_file(source, sha, len(chunks))
-        total = store.count()
-        if len(vectors) > 2 * total:
-            # More deleted labels than live ones: rebuild the graph from the stored vectors (no re-embedding).
-            ids, vecs = store.all_vectors(emb.dim)
-            vectors = VectorStore.create(emb.dim, capacity=len(ids))
-            vectors.add(vecs, ids)
-        store.commit()
-        store.close()
-        vectors.save(tmp / VEC_FILE)
-        stats = BuildStats(
-            added,
-            changed,
-            unchanged,
-            len(removed),
-            skipped,
-            len(texts),
-            total,
-            time.perf_counter() - t0,
-            embed_s,
-        )
-        if prev is not None and not fresh and not todo and not removed:
-            shutil.rmtree(tmp)  # nothing changed: keep the current generation
-            return stats
-        for f in (DB_FILE, VEC_FILE):
-            _fsync(tmp / f)
-        final = out / gen
-        os.rename(tmp, final)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "generation": gen,
-            **config,
-            "chunks": total,
-            "files": len(seen),
-            "sizes": {f: (final / f).stat().st_size for f in (DB_FILE, VEC_FILE)},
-        }
-        tmp_manifest = out / (MANIFEST + ".tmp")
-        tmp_manifest.write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp_manifest)
-        os.replace(tmp_manifest, out / MANIFEST)
-        _fsync(out)
+        fields, changed = writer.commit(plan, old)
+        if changed:
+            manifest = {"format": FORMAT, "version": VERSION, **config, **fields, "files": len(plan.seen)}
+            write_manifest(out, manifest)
     except BaseException:
-        if store is not None:  # roll back and close before deleting the files under it
-            store.rollback()
-            store.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    keep = {gen, prev["generation"] if prev else gen}
-    for old_gen in out.glob("gen-*"):
-        if old_gen.name not in keep and not old_gen.name.endswith(".tmp"):
-            shutil.rmtree(old_gen, ignore_errors=True)
-    return stats
+    if changed:
+        writer.cleanup()
+    removed = len(plan.removed)
+    return BuildStats(
+        plan.added,
+        plan.changed,
+        plan.unchanged,
+        removed,
+        plan.skipped,
+        len(texts),
+        int(fields["chunks"]),
+        time.perf_counter() - t0,
+        embed_s,
+    )

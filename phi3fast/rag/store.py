@@ -1,4 +1,16 @@
-"""Chunks, files and vectors in SQLite, with an FTS5 table for keyword (BM25) search.
+"""The built-in store: chunks, files and vectors in SQLite, with an FTS5 table for keyword (BM25) search, and
+the phi3fast.hnsw graph beside it (vectors.py), one folder per generation.
+
+Generations
+-----------
+    INDEX_DIR/gen-000007/chunks.sqlite   files, chunks (+ their vectors), the FTS5 table
+    INDEX_DIR/gen-000007/vectors.hnsw    the phi3fast.hnsw graph, labels = chunk ids
+
+Atomic commit: a build copies the current generation into `gen-NNNNNN.<pid>-<ns>.tmp`, applies the changes
+there, saves, fsyncs, renames the folder, then the index layer replaces MANIFEST.json (temp file + os.replace).
+Until that last step every reader and every later run sees the previous generation whole, so a crash or Ctrl-C
+mid-run loses nothing; the stale .tmp folder is removed by the next build. The previous generation is kept one
+more round so a reader that read the old manifest a moment ago can still open its files.
 
 FTS5 and jargon
 ---------------
@@ -12,13 +24,21 @@ a rare fault code dominates the common words around it.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import sqlite3
-from collections.abc import Iterable
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from phi3fast.errors import Phi3FastError
+from phi3fast.rag.backend import EXPORT_COLUMNS, ChunkRow, Plan, fsync, old_versions
+from phi3fast.rag.chunking import Chunk
+from phi3fast.rag.vectors import VectorStore
 
 SCHEMA_VERSION = 1
 
@@ -69,26 +89,22 @@ def _quote(term: str) -> str:
     return '"' + term.replace('"', '""') + '"'
 
 
-def fts_query(question: str) -> str | None:
-    """A safe FTS5 MATCH expression for free text: quoted terms OR-ed together; None if nothing searchable."""
+def query_terms(question: str) -> list[str]:
+    """The words of a question worth searching for: stopwords dropped, each word once."""
     terms: list[str] = []
     for w in _WORD.findall(question):
         if w.lower() in _STOPWORDS or w in terms:
             continue
         terms.append(w)
+    return terms
+
+
+def fts_query(question: str) -> str | None:
+    """A safe FTS5 MATCH expression for free text: quoted terms OR-ed together; None if nothing searchable."""
+    terms = query_terms(question)
     if not terms:
         return None
     return " OR ".join(_quote(t) for t in terms)
-
-
-@dataclass(frozen=True)
-class ChunkRow:
-    id: int
-    source: str
-    heading: str
-    start: int
-    end: int
-    text: str
 
 
 class Store:
@@ -210,3 +226,176 @@ class Store:
             (match, k),
         ).fetchall()
         return [(r[0], -float(r[1])) for r in rows]
+
+    def export_batches(self, batch_size: int) -> Iterator[dict[str, list]]:
+        """Every chunk as EXPORT_COLUMNS, in id order, batch_size rows at a time."""
+        cur = self.db.execute(
+            "SELECT c.id, c.vector, c.text, c.file, f.sha256, c.source, c.heading, c.start, c.end "
+            "FROM chunks c JOIN files f ON f.source = c.file ORDER BY c.id"
+        )
+        while rows := cur.fetchmany(batch_size):
+            cols = {name: [r[i] for r in rows] for i, name in enumerate(EXPORT_COLUMNS)}
+            cols["vector"] = [np.frombuffer(v, np.float32).tolist() for v in cols["vector"]]
+            yield cols
+
+
+DB_FILE = "chunks.sqlite"
+VEC_FILE = "vectors.hnsw"
+
+
+class BuiltinBackend:
+    """An opened generation. Thread-safe for searches: one read-only SQLite connection per thread; the graph
+    is shared (phi3fast.hnsw searches are read-only)."""
+
+    def __init__(self, gen_dir: Path, chunks: int, dim: int) -> None:
+        self.gen_dir = gen_dir
+        self.chunks = chunks
+        self._local = threading.local()
+        self.store()  # open and check in the calling thread, so a corrupt database fails open(), not search()
+        self.vectors = VectorStore.load(gen_dir / VEC_FILE, dim)
+        if len(self.vectors) < chunks:
+            raise Phi3FastError(f"{gen_dir / VEC_FILE}: fewer vectors than chunks (corrupt index)")
+
+    @classmethod
+    def open(cls, gen_dir: Path, manifest: dict) -> BuiltinBackend:
+        for name, size in manifest["sizes"].items():
+            f = gen_dir / name
+            if not f.is_file():
+                raise Phi3FastError(f"{f}: missing (corrupt index; rebuild it with `phi3fast index`)")
+            if f.stat().st_size != int(size):
+                raise Phi3FastError(
+                    f"{f}: {f.stat().st_size} bytes, the manifest says {size} (truncated or corrupt index)"
+                )
+        return cls(gen_dir, int(manifest["chunks"]), int(manifest["embedder"]["dim"]))
+
+    def store(self) -> Store:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            db = self.gen_dir / DB_FILE
+            try:
+                store = Store(db, readonly=True)
+                store.check()
+                count = store.count()
+            except sqlite3.DatabaseError as e:
+                raise Phi3FastError(f"{db}: corrupt chunk database ({e})") from None
+            if count != self.chunks:
+                raise Phi3FastError(f"{db}: {count} chunks, the manifest says {self.chunks} (corrupt)")
+            self._local.store = store
+        return store
+
+    # -- the Reader interface (this object is its own view: each thread has its own connection) --
+    def view(self) -> BuiltinBackend:
+        return self
+
+    def count(self) -> int:
+        return self.chunks
+
+    def dense(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        ids, sims = self.vectors.search(vector, min(k, self.chunks))
+        return list(zip(ids.tolist(), sims.tolist(), strict=True))
+
+    def keyword(self, question: str, k: int) -> list[tuple[int, float]]:
+        return self.store().keyword_search(question, k)
+
+    def identifier(self, question: str, k: int) -> list[tuple[int, float]]:
+        return self.store().identifier_search(question, k)
+
+    def rows(self, ids: list[int]) -> dict[int, ChunkRow]:
+        return self.store().chunks(ids)
+
+    def export_batches(self, batch_size: int) -> Iterator[dict[str, list]]:
+        return self.store().export_batches(batch_size)
+
+
+def _next_generation(prev: dict | None) -> str:
+    n = int(prev["generation"].split("-")[1]) + 1 if prev else 1
+    return f"gen-{n:06d}"
+
+
+class BuiltinWriter:
+    """One build of a new generation folder (see "Generations" above)."""
+
+    def __init__(self, out: Path, prev: dict | None, fresh: bool, dim: int) -> None:
+        self.out, self.prev, self.fresh, self.dim = out, prev, fresh, dim
+        self.gen = _next_generation(prev)
+        # Left by an interrupted run (a .tmp folder, or a renamed one whose manifest switch never happened):
+        # we hold the lock and no manifest points there, so nobody reads them.
+        for stale in out.glob("gen-*"):
+            if stale.name.endswith(".tmp") or stale.name >= self.gen:
+                shutil.rmtree(stale, ignore_errors=True)
+        # A name of its own per run: a connection of a crashed run that is closed late must never touch our files.
+        self.tmp = out / f"{self.gen}.{os.getpid()}-{time.monotonic_ns()}.tmp"
+        self.tmp.mkdir()
+        self.store: Store | None = None
+        try:
+            self.store = Store(self.tmp / DB_FILE)
+            if fresh:
+                self.vectors = VectorStore.create(dim)
+            else:
+                prev_dir = out / prev["generation"]
+                src = sqlite3.connect(f"file:{prev_dir / DB_FILE}?mode=ro", uri=True)
+                try:
+                    src.backup(self.store.db)
+                except sqlite3.DatabaseError as e:
+                    raise Phi3FastError(f"{prev_dir / DB_FILE}: corrupt chunk database ({e})") from None
+                finally:
+                    src.close()
+                self.vectors = VectorStore.load(prev_dir / VEC_FILE, dim)
+            self.store.begin()
+        except BaseException:
+            self.abort()
+            raise
+
+    def file_hashes(self) -> dict[str, str]:
+        return self.store.file_hashes()
+
+    def begin(self, plan: Plan, old: dict[str, str]) -> None:
+        # Inside the transaction: a changed file's old chunks go before its new ones come.
+        for source in old_versions(plan, old):
+            self.vectors.delete(self.store.remove_file(source))
+
+    def add(self, items: list[tuple[str, str, int, Chunk]], vectors: np.ndarray) -> None:
+        ids = []
+        for (file, _, _, c), v in zip(items, vectors, strict=True):
+            ids += self.store.add_chunks(file, [(c.source, c.heading, c.start, c.end, c.text)], v[None])
+        self.vectors.add(vectors, np.array(ids, np.int64))
+
+    def commit(self, plan: Plan, old: dict[str, str]) -> tuple[dict, bool]:
+        store = self.store
+        for source, sha, chunks in plan.todo:
+            store.set_file(source, sha, len(chunks))
+        total = store.count()
+        if len(self.vectors) > 2 * total:
+            # More deleted labels than live ones: rebuild the graph from the stored vectors (no re-embedding).
+            ids, vecs = store.all_vectors(self.dim)
+            self.vectors = VectorStore.create(self.dim, capacity=len(ids))
+            self.vectors.add(vecs, ids)
+        store.commit()
+        store.close()
+        if self.prev is not None and not self.fresh and not plan.todo and not plan.removed:
+            shutil.rmtree(self.tmp)  # nothing changed: keep the current generation
+            return {"chunks": total}, False
+        self.vectors.save(self.tmp / VEC_FILE)
+        for f in (DB_FILE, VEC_FILE):
+            fsync(self.tmp / f)
+        final = self.out / self.gen
+        os.rename(self.tmp, final)
+        fields = {
+            "generation": self.gen,
+            "store": {"kind": "builtin"},
+            "chunks": total,
+            "sizes": {f: (final / f).stat().st_size for f in (DB_FILE, VEC_FILE)},
+        }
+        return fields, True
+
+    def cleanup(self) -> None:
+        keep = {self.gen, self.prev["generation"] if self.prev else self.gen}
+        for old_gen in self.out.glob("gen-*"):
+            if old_gen.name not in keep and not old_gen.name.endswith(".tmp"):
+                shutil.rmtree(old_gen, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self.store is not None:  # roll back and close before deleting the files under it
+            self.store.rollback()
+            self.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
