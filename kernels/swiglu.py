@@ -20,10 +20,10 @@ from ._aot import AotSpec
 from ._rowwise import KernelInputError
 
 # 1024 columns per program with 4 warps: 8 fp32 values of each live array per thread (one 16-byte bf16 vector).
-# A Phi-3 row (I = 8192 or 17920) spans 8 or 18 programs; the interpreter uses 16 so odd widths span several.
+# A Phi-3 row (I = 8192 or 17920) spans 8 or 18 programs; the interpreter uses 64, so width 130 spans three programs, the last one masked.
 BLOCK = 1024
 NUM_WARPS = 4
-INTERPRET_BLOCK = 16
+INTERPRET_BLOCK = 64
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
