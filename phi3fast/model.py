@@ -3,7 +3,10 @@
 Every projection inside the decoder layers is a `Phi3Linear`, whose base weight is either an NF4Weight (QLoRA) or a
 frozen compute-dtype tensor (plain LoRA / inference), plus optional LoRA factors. `Phi3Linear.forward` is the one
 place that picks the op: `nf4_matmul` / `lora_linear` from phi3fast.kernels (Triton on CUDA, torch on CPU).
-Embeddings, norms and lm_head stay dense in the compute dtype. Module names follow transformers' checkpoint keys
+Embeddings, norms and lm_head stay dense in the compute dtype. RMSNorm, RoPE (in place on the fused qkv output) and
+SwiGLU (on the fused gate_up output) are phi3fast.kernels' row-wise ops, with the backend chosen by
+`Phi3ForCausalLM.set_kernel_backend` ('auto': Triton on CUDA, the torch reference, bit-identical to
+transformers' math, on CPU). Module names follow transformers' checkpoint keys
 without the leading "model." (`layers.0.self_attn.qkv_proj`), so loading and PEFT adapters map one to one.
 
 Dropout: Phi-3's configs set attention and residual dropout to 0, so this module has none; LoRA dropout lives in

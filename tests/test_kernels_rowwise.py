@@ -7,6 +7,10 @@ Tolerances: the single kernel table TOL of test_kernels_nf4 (atol relative to th
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -330,3 +334,25 @@ def test_model_triton_kv_cache(tiny: Path) -> None:
         ref = model(ids)
     assert_close(torch.cat(steps, dim=1), full, torch.float32)
     assert_close(full, ref, torch.float32)
+
+
+# ---- AOT ---------------------------------------------------------------------------------------------------------
+
+# The register-heaviest launches at Phi-3 sizes (`python -m phi3fast.kernels.report` compiles every config).
+AOT_MATCH = r"rms_norm_bwd bf16,dw=1,BLOCK_H=(4096|8192)|rope_qkv bf16,inverse=1|swiglu_bwd bf16"
+
+
+@pytest.mark.slow
+def test_aot_heaviest_rowwise_configs_do_not_spill() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, "-m", "phi3fast.kernels.report", "--json", "--match", AOT_MATCH]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert {(r["kernel"], r["arch"]) for r in rows} == {
+        (k, a) for k in ("rms_norm_bwd", "rope_qkv", "swiglu_bwd") for a in ("sm_80", "sm_90")
+    }
+    assert len(rows) == 8
+    for r in rows:
+        where = f"{r['kernel']} [{r['config']}] {r['arch']}"
+        assert r["error"] == "" and r["spill_bytes"] == 0 and 0 < r["regs"] <= 255, where
