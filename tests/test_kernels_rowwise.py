@@ -273,6 +273,39 @@ def test_bad_inputs_name_the_argument() -> None:
         swiglu(torch.randn(3, 16).bfloat16(), "triton")
 
 
+# ---- what autograd keeps -----------------------------------------------------------------------------------------
+
+
+def saved_by(fn) -> list[torch.Tensor]:  # noqa: ANN001
+    """The tensors autograd saves for backward while fn() runs."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_saved_tensors() -> None:
+    """RMSNorm keeps x, weight and one fp32 inverse RMS per row; SwiGLU keeps only gate_up; RoPE keeps only cos
+    and sin (nothing of qkv). The torch path of RMSNorm keeps fp32 copies of x (what the kernel avoids)."""
+    x, w = torch.randn(7, 130, requires_grad=True), torch.randn(130, requires_grad=True)
+    kept = saved_by(lambda: rms_norm(x, w, EPS, "triton"))
+    assert [tuple(t.shape) for t in kept] == [(7, 130), (130,), (7,)] and kept[2].dtype == torch.float32
+    assert kept[0].data_ptr() == x.data_ptr() and kept[1].data_ptr() == w.data_ptr()
+    torch_kept = saved_by(lambda: rms_norm(x, w, EPS, "torch"))
+    assert sum(t.numel() for t in torch_kept) > 2 * x.numel()
+    gu = torch.randn(7, 34, requires_grad=True)
+    kept = saved_by(lambda: swiglu(gu, "triton"))
+    assert len(kept) == 1 and kept[0].data_ptr() == gu.data_ptr() and kept[0].shape == gu.shape
+    qkv, cs = torch.randn(2, 3, 8 * 16, requires_grad=True), torch.randn(2, 3, 8)
+    kept = saved_by(lambda: rope_qkv_(qkv.clone(), cs, cs, 4, 2, "triton"))
+    assert len(kept) == 2 and all(t.data_ptr() == cs.data_ptr() for t in kept)
+
+
 # ---- the model switch --------------------------------------------------------------------------------------------
 
 
