@@ -146,7 +146,11 @@ def index_file_bytes(d: Mapping, dim: int) -> bytes:
     max_elements = _int(d, "max_elements", 0, 0xFFFFFFF0)
     n = _int(d, "cur_element_count", 0, max_elements)
     efc = _int(d, "ef_construction", 0, 2**32)
-    mult = float(d.get("mult", 1.0 / math.log(M)))
+    mult = d.get(
+        "mult", 1.0 / math.log(M)
+    )  # ignored by the loader (it derives mult from M), kept for fidelity
+    if isinstance(mult, (bool, np.bool_)) or not isinstance(mult, (int, float, np.integer, np.floating)):
+        raise _fail(f"'mult' must be a number, got {type(mult).__name__}")
     level0 = _array(d, "data_level0", "b", 1, n * size_data)
     levels = _array(d, "element_levels", "i", 4, None)
     if levels.size < n:
@@ -170,16 +174,17 @@ def index_file_bytes(d: Mapping, dim: int) -> bytes:
     if n and (entry >= n or max_level != levels[entry]):
         raise _fail(f"entry point {entry} at level {max_level} does not match element_levels")
     head = HNSW_HEADER.pack(0, max_elements, n, size_data, expect["label_offset"], expect["offset_data"],
-                            max_level, entry, M, 2 * M, M, mult, efc)  # fmt: skip
-    parts = [head, level0.tobytes()]
+                            max_level, entry, M, 2 * M, M, float(mult), efc)  # fmt: skip
+    # Per element: a u32 byte count, then its upper link lists. Laid out with numpy (no per-element Python):
+    # the count fields sit at 4*i + (bytes of lists before i); every other tail byte is `upper`, in order.
     sizes = (levels * links).astype("<u4")
-    ends = np.cumsum(levels * links)
-    raw = upper.tobytes()
-    for i in range(n):  # per element: u32 byte count, then its upper link lists
-        parts.append(sizes[i].tobytes())
-        if sizes[i]:
-            parts.append(raw[ends[i] - sizes[i] : ends[i]])
-    return b"".join(parts)
+    at = 4 * np.arange(n) + np.cumsum(sizes, dtype=np.int64) - sizes
+    tail = np.empty(4 * n + upper.size, np.uint8)
+    is_count = np.zeros(tail.size, bool)
+    is_count[(at[:, None] + np.arange(4)).ravel()] = True
+    tail[is_count] = sizes.view(np.uint8)
+    tail[~is_count] = upper.view(np.uint8)
+    return b"".join((head, level0.tobytes(), tail.tobytes()))
 
 
 def read_bf_file(path: str, dim: int) -> tuple[np.ndarray, np.ndarray, int]:

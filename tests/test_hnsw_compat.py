@@ -199,6 +199,8 @@ BAD_PARAMS = [
     ("M", lambda d: d.update(M=13), "'max_M' = 12, expected 13"),
     ("normalize", lambda d: d.update(normalize=True), "'normalize' = True contradicts space 'l2'"),
     ("inited", lambda d: d.update(index_inited="yes"), "'index_inited' must be a bool"),
+    ("mult", lambda d: d.update(mult="x"), "'mult' must be a number"),
+    ("ef", lambda d: d.update(ef=-1), "'ef' = -1 is out of range"),
     ("count", lambda d: d.update(cur_element_count=CAP + 1), "'cur_element_count' = 1701 is out of range"),
     ("level0 short", lambda d: d.update(data_level0=d["data_level0"][:-1]), "'data_level0' has .* expected"),
     ("level0 float", lambda d: d.update(data_level0=d["data_level0"].astype(np.float32)), "1-byte integers"),
