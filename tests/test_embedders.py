@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +50,9 @@ class ServerState:
     retry_after: str | None = None  # sent with the failures
     max_inputs: int = 2048  # the endpoint's limits, enforced like OpenAI's (400)
     max_words: int = 300_000
+    delay: float = 0.0  # seconds per answer, to see requests overlap
+    in_flight: int = 0
+    max_in_flight: int = 0
     requests: list[dict] = field(default_factory=list)  # bodies of the requests that reached the handler
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -73,6 +77,18 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": {"message": message, "type": "invalid_request_error"}}, headers)
 
     def do_POST(self) -> None:  # noqa: N802
+        st = self.state
+        with st.lock:
+            st.in_flight += 1
+            st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        try:
+            time.sleep(st.delay)
+            self._answer()
+        finally:
+            with st.lock:
+                st.in_flight -= 1
+
+    def _answer(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         st = self.state
         with st.lock:
@@ -124,6 +140,7 @@ def api(server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch) -> Ser
     state.requests.clear()
     state.retry_after = None
     state.max_inputs, state.max_words = 2048, 300_000
+    state.delay, state.max_in_flight = 0.0, 0
     waits: list[float] = []
     monkeypatch.setattr(oe, "_sleep", waits.append)
     state.waits = waits  # type: ignore[attr-defined]
@@ -185,6 +202,7 @@ def test_batching_within_input_limit(
     api: ServerState, monkeypatch: pytest.MonkeyPatch, n: int, limit: int
 ) -> None:
     monkeypatch.setattr(oe, "MAX_INPUTS_PER_REQUEST", limit)
+    monkeypatch.setattr(oe, "PARALLEL_REQUESTS", 1)  # requests reach the server in batch order
     api.max_inputs = limit  # the server refuses bigger requests, as OpenAI does past 2048
     emb = Embedder("openai:tiny-embed")
     texts = [f"doc {i} about valve {i * 7}" for i in range(n)]
@@ -198,10 +216,40 @@ def test_batching_within_input_limit(
     )
 
 
+def test_parallel_requests_keep_order(api: ServerState, monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = Embedder("openai:tiny-embed")
+    monkeypatch.setattr(oe, "MAX_INPUTS_PER_REQUEST", 2)
+    texts = [f"item {i} of the list, word{i}" for i in range(13)]
+    api.delay = 0.1  # long enough for the 4 client threads to overlap even on a busy machine
+    api.requests.clear()
+    vecs = emb.encode(texts)
+    assert len(api.requests) == 7 and 2 <= api.max_in_flight <= oe.PARALLEL_REQUESTS
+    np.testing.assert_allclose(vecs, unit(np.stack([word_vector(t, 256) for t in texts])), atol=1e-6)
+
+
+def test_an_error_stops_the_other_requests(api: ServerState, monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = Embedder("openai:tiny-embed")
+    monkeypatch.setattr(oe, "MAX_INPUTS_PER_REQUEST", 1)
+    api.delay = 0.02
+    api.requests.clear()
+    api.fail_next[:] = [400]  # not retried
+    with pytest.raises(Phi3FastError, match="400 try again later"):
+        emb.encode([f"t{i}" for i in range(20)])
+    # The failing request was among the first PARALLEL_REQUESTS; at most that many more went out after it.
+    assert len(api.requests) <= 2 * oe.PARALLEL_REQUESTS - 1
+    # A request whose batch is abandoned stops retrying at its next failure.
+    cancel = threading.Event()
+    cancel.set()
+    api.fail_next[:] = [503] * 3
+    with pytest.raises(Phi3FastError, match=r"gave up after 1 attempt \(503"):
+        emb._request(["x"], cancel)
+
+
 def test_batching_within_token_budget(api: ServerState, monkeypatch: pytest.MonkeyPatch) -> None:
     emb = Embedder("openai:tiny-embed")
     texts = ["alpha " * 30, "beta " * 5, "gamma " * 50, "delta", "epsilon " * 200, "zeta " * 10]
     monkeypatch.setattr(oe, "PROXY_TOKENS_PER_REQUEST", 60)
+    monkeypatch.setattr(oe, "PARALLEL_REQUESTS", 1)  # requests reach the server in batch order
     api.requests.clear()
     emb.encode(texts)
     counts = [emb.count_tokens(t) + 2 for t in texts]  # what the batcher counts per input

