@@ -215,7 +215,8 @@ def read_bf_file(path: str, dim: int) -> tuple[np.ndarray, np.ndarray, int]:
     return vectors, labels, cap
 
 
-# What an hnswlib pickle may reference: the Index class and numpy's array reconstruction (numpy 1.x and 2.x).
+# What an hnswlib pickle may reference: the Index class and numpy's array reconstruction (numpy 1.x and 2.x);
+# phi3fast's own index classes are accepted too, so one loader serves a mix of old and migrated objects.
 _PICKLE_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -223,6 +224,12 @@ _PICKLE_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    # protocol 0/1 pickles of phi3fast indexes (named copy_reg there); it only calls a class allowed here
+    ("copyreg", "__newobj__"),
+    ("copy_reg", "__newobj__"),
+    ("_codecs", "encode"),  # how protocols 0/1 spell a bytes object: a pure str -> bytes function
+    ("phi3fast.hnsw", "Index"),
+    ("phi3fast.hnsw", "BFIndex"),
 }
 
 

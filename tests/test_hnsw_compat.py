@@ -132,13 +132,16 @@ def test_uninitialized_params() -> None:
 # ---- pickles ----
 def test_hnswlib_pickle_loads_without_hnswlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     theirs = hnswlib_index("cosine", 16)
-    blob = pickle.dumps({"main": theirs, "more": [theirs, 3]})
+    mine = hnsw.Index(theirs)
+    blob = pickle.dumps({"main": theirs, "more": [theirs, 3], "mine": mine, "mine0": pickle.dumps(mine, 0)})
     (tmp_path / "ix.pkl").write_bytes(blob)
     monkeypatch.setitem(sys.modules, "hnswlib", None)  # any import of hnswlib now fails
     for loaded in (hnsw.load_hnswlib_pickle(tmp_path / "ix.pkl"), hnsw.load_hnswlib_pickle(io.BytesIO(blob))):
         assert loaded["more"][1] == 3
         assert_same_index(loaded["main"], theirs, 16)
         assert_same_index(loaded["more"][0], theirs, 16)
+        assert_same_index(loaded["mine"], theirs, 16)
+        assert_same_index(hnsw.load_hnswlib_pickle(io.BytesIO(loaded["mine0"])), theirs, 16)
 
 
 def test_hnswlib_pickle_refuses_other_globals() -> None:
