@@ -45,7 +45,7 @@ import numpy as np
 from phi3fast.errors import Phi3FastError
 from phi3fast.rag.backend import EXPORT_COLUMNS, ChunkRow, Plan, old_versions
 from phi3fast.rag.chunking import Chunk
-from phi3fast.rag.store import identifiers, query_terms
+from phi3fast.rag.store import fts_tokens, identifiers, query_terms
 from phi3fast.rag.vectors import EF_CONSTRUCTION, EF_SEARCH, M
 
 BATCH_ROWS = 256  # rows per upsert: ~0.5 MB of 384-dim vectors plus text, well inside gRPC's 64 MB limit
@@ -153,14 +153,15 @@ def _schema(client, dim: int):  # noqa: ANN001, ANN202
     schema.add_field("heading", DataType.VARCHAR, max_length=MAX_TEXT)
     schema.add_field("start", DataType.INT64)
     schema.add_field("end", DataType.INT64)
-    schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True)
+    schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT)
+    schema.add_field("keywords", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True)
     schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_function(
         Function(
             name="text_bm25",
             function_type=FunctionType.BM25,
-            input_field_names=["text"],
+            input_field_names=["keywords"],
             output_field_names=["sparse"],
         )
     )
@@ -288,23 +289,20 @@ class MilvusView:
         return self._search([np.asarray(vector, np.float32).tolist()], "vector", k, params)
 
     def keyword(self, question: str, k: int, extra: str = "") -> list[tuple[int, float]]:
-        terms = query_terms(question)
-        if not terms:
+        tokens = [t for toks in fts_tokens(query_terms(question)) for t in toks]
+        if not tokens:
             return []
-        return self._search([" ".join(terms)], "sparse", k, {"metric_type": "BM25"}, extra)
+        return self._search([" ".join(tokens)], "sparse", k, {"metric_type": "BM25"}, extra)
 
     def identifier(self, question: str, k: int) -> list[tuple[int, float]]:
-        ids = identifiers(question)
-        if not ids:
+        # Each identifier as its token phrase ("XR-7755" -> " xr 7755 "): the FTS5 phrase match of the built-in
+        # store, as a LIKE over the space-separated tokens. Tokens are alphanumeric: no quote or wildcard in them.
+        phrases = [" ".join(toks) for toks in fts_tokens(identifiers(question)) if toks]
+        if not phrases:
             return []
-
-        def has(ident: str) -> str:  # identifiers hold only word characters and -./: (no quotes to escape)
-            forms = dict.fromkeys([ident, ident.upper(), ident.lower()])
-            return "(" + " or ".join(f'text like "%{f}%"' for f in forms) + ")"
-
-        query = " ".join(ids)
-        every = " and ".join(map(has, ids))
-        return self.keyword(query, k, every) or self.keyword(query, k, " or ".join(map(has, ids)))
+        has = [f'keywords like "% {p} %"' for p in phrases]
+        query = " ".join(phrases)
+        return self.keyword(query, k, " and ".join(has)) or self.keyword(query, k, " or ".join(has))
 
     def rows(self, ids: list[int]) -> dict[int, ChunkRow]:
         if not ids:
@@ -432,10 +430,14 @@ class MilvusWriter:
         added = self.epoch + 1
         for i in range(0, len(items), BATCH_ROWS):
             rows = []
-            for (file, sha, ordinal, c), v in zip(
-                items[i : i + BATCH_ROWS], vectors[i : i + BATCH_ROWS], strict=True
+            batch = items[i : i + BATCH_ROWS]
+            toks = fts_tokens([t for *_, c in batch for t in (c.source, c.heading, c.text)])
+            for j, ((file, sha, ordinal, c), v) in enumerate(
+                zip(batch, vectors[i : i + BATCH_ROWS], strict=True)
             ):
-                if len(c.text.encode()) > MAX_TEXT or len(c.heading.encode()) > MAX_TEXT:
+                # BM25 input: source, heading, text as tokens, one line each (a phrase never spans two).
+                keywords = " " + " \n ".join(" ".join(t) for t in toks[3 * j : 3 * j + 3]) + " "
+                if max(len(x.encode()) for x in (c.text, c.heading, keywords)) > MAX_TEXT:
                     raise Phi3FastError(f"{file}: a chunk longer than Milvus's {MAX_TEXT}-byte text limit")
                 rows.append(
                     {
@@ -448,6 +450,7 @@ class MilvusWriter:
                         "start": c.start,
                         "end": c.end,
                         "text": c.text,
+                        "keywords": keywords,
                         "vector": np.asarray(v, np.float32).tolist(),
                     }
                 )

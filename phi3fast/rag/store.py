@@ -64,6 +64,11 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
   tokenize='porter unicode61 remove_diacritics 2'
 );
 """
+# Lowercase, accents folded, English words stemmed ("rattling" and "rattle" are both "rattl"), split at
+# non-alphanumerics ("XR-7731" is xr 7731). The Milvus store feeds its BM25 the text tokenized by this same
+# tokenizer (fts_tokens), so both stores match the same words.
+TOKENIZER = "porter unicode61 remove_diacritics 2"
+_tokenizer_db = threading.local()
 
 # Common English words carry no signal for BM25 and only slow the OR query down.
 _STOPWORDS = frozenset(
@@ -82,6 +87,24 @@ def identifiers(question: str) -> list[str]:
     for w in _WORD.findall(question):
         if any(c.isdigit() for c in w) and any(c.isalpha() or c in "-./:" for c in w) and w not in out:
             out.append(w)
+    return out
+
+
+def fts_tokens(texts: list[str]) -> list[list[str]]:
+    """Each text's tokens, in order, as the FTS5 table indexes them (via an in-memory FTS5 table and its
+    fts5vocab 'instance' view; about 20 us per sentence)."""
+    db = getattr(_tokenizer_db, "db", None)
+    if db is None:
+        db = sqlite3.connect(":memory:")
+        db.execute(f"CREATE VIRTUAL TABLE t USING fts5(x, tokenize='{TOKENIZER}')")
+        db.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+        _tokenizer_db.db = db
+    out: list[list[str]] = [[] for _ in texts]
+    with db:
+        db.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", enumerate(texts))
+        for term, doc in db.execute("SELECT term, doc FROM v ORDER BY doc, offset"):
+            out[doc].append(term)
+        db.execute("DELETE FROM t")
     return out
 
 
