@@ -263,7 +263,7 @@ def test_batching_within_token_budget(api: ServerState, monkeypatch: pytest.Monk
     assert [len(b) for b in sent] == [2, 2, 1, 1]
 
 
-def test_retries_then_success(api: ServerState) -> None:
+def test_retries_then_success(api: ServerState, capsys: pytest.CaptureFixture[str]) -> None:
     emb = Embedder("openai:tiny-embed")
     api.requests.clear()
     api.fail_next[:] = [429, 500, 503, 502]
@@ -275,6 +275,13 @@ def test_retries_then_success(api: ServerState) -> None:
         step = oe.BASE_DELAY * 2**attempt
         assert step / 2 <= wait <= step
     assert len(api.waits) == 4
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 4 and warnings[0].startswith(
+        "warning: embedder 'openai:tiny-embed' at http://127.0.0.1:"
+    )
+    assert warnings[0].endswith(
+        f": 429 try again later; retry 1/{oe.MAX_ATTEMPTS - 1} in {api.waits[0]:.1f} s"
+    )
 
 
 def test_retry_after_is_honoured(api: ServerState) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -208,7 +209,13 @@ class OpenAIEmbedder(Embedder):
                     raise Phi3FastError(
                         f"{where}: gave up after {n} attempt{'s' if n > 1 else ''} ({what})"
                     ) from None
-                _sleep(backoff_delay(attempt, _retry_after(e)))
+                delay = backoff_delay(attempt, _retry_after(e))
+                # A rate-limited run can stall for a while: say why, on stderr like the index's warnings.
+                print(
+                    f"warning: {where}: {what}; retry {attempt + 1}/{MAX_ATTEMPTS - 1} in {delay:.1f} s",
+                    file=sys.stderr,
+                )
+                _sleep(delay)
             except openai.APIStatusError as e:  # 400 (an input too long...), 403, 422: retrying will not help
                 raise Phi3FastError(f"{where}: {e.status_code} {_server_message(e)}") from None
         data = sorted(resp.data, key=lambda d: d.index)
