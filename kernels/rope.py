@@ -178,7 +178,10 @@ def rope_qkv_(
     qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int, backend: str = "auto"
 ) -> Tensor:
     """Rotate the q and k heads of the fused qkv [B, T, (n_heads + 2 * n_kv_heads) * D] in place by the
-    half-width cos/sin [B, T, D/2]; v is untouched. Returns qkv. Differentiable in qkv."""
+    half-width cos/sin [B, T, D/2]; v is untouched. Returns qkv. Differentiable in qkv.
+
+    The backward rotates the incoming gradient in place (no copy): a gradient tensor handed to
+    `out.backward(grad)` by the caller is overwritten, so pass a copy if it is needed afterwards."""
     check_rope(qkv, cos, sin, n_heads, n_kv_heads)
     resolved = _rowwise.resolve(backend, qkv)
     if resolved == "triton" and (cos.stride(-1) != 1 or sin.stride(-1) != 1):
