@@ -1,9 +1,15 @@
 // Header-only HNSW index (Malkov & Yashunin) with hnswlib-compatible semantics.
 //
-// Layout: one contiguous level-0 block per node, [u32 header | maxM0 u32 links | payload | u64 label], the
-// same as hnswlib's for float32 so its files import with one copy. Header: low 16 bits = link count, byte 2 =
-// deleted mark (hnswlib's DELETE_MARK), byte 3 = ready (vector and links written; used by exact scans).
-// Upper levels: one malloc'd block of `level` link lists per node with level > 0.
+// Layout (design note): three arrays indexed by internal id, each in 2 MiB-aligned huge-page memory
+// (memory.h): level-0 link lists [u32 header | maxM0 u32 links], padded to whole cache lines; vectors,
+// each starting on a cache line (a 384-d float32 vector is exactly 24 lines, and no SIMD load straddles two
+// lines); u64 labels. hnswlib keeps all three in one block per node, so every link list read drags a
+// cache line of vector bytes along and every vector is misaligned; split, the 13-19 MB of link lists of a
+// 100k index stay cache-resident while the vectors stream. Files keep hnswlib's per-node block
+// [header | links | payload | label] (index_file.h assembles it), so its files still import directly.
+// Header: low 16 bits = link count, byte 2 = deleted mark (hnswlib's DELETE_MARK), byte 3 = ready (vector
+// and links written; used by exact scans). Upper levels: one malloc'd block of `level` link lists per node
+// with level > 0.
 //
 // Concurrency note: `struct_mu_` is held shared by add and search and exclusively by resize/save, so buffers
 // never move under a reader. Writers lock one node's links at a time (striped mutexes) and publish a node only
@@ -27,6 +33,7 @@
 #include <vector>
 
 #include "fileio.h"
+#include "memory.h"
 #include "parallel.h"
 #include "vector_space.h"
 
@@ -54,16 +61,18 @@ class HnswIndex {
     if (dim == 0) throw std::invalid_argument("dim must be >= 1");
     if (M < 2 || M > 10000) throw std::invalid_argument("M must be in [2, 10000], got " + std::to_string(M));
     links0_bytes_ = 4 * (maxM0_ + 1);
+    links0_stride_ = (links0_bytes_ + 63) / 64 * 64;
     upper_bytes_ = 4 * (maxM_ + 1);
-    payload_off_ = links0_bytes_;
-    label_off_ = payload_off_ + vs_.payload_bytes();
-    node_bytes_ = label_off_ + 8;
-    prefetch_lines_ = std::min<size_t>(32, (vs_.payload_bytes() + 63) / 64);
+    node_bytes_ = links0_bytes_ + vs_.payload_bytes() + 8;
+    // Whole cache lines per vector unless that pads by more than 1/8 (int8 codes of 384-d: 396 -> 400, not
+    // 448): then 16-byte alignment, which SIMD loads still like.
+    const size_t pb = vs_.payload_bytes(), line = (pb + 63) / 64 * 64;
+    vec_stride_ = line - pb <= pb / 8 ? line : (pb + 15) / 16 * 16;
+    prefetch_lines_ = std::min<size_t>(32, (pb + 63) / 64);
     allocate(max_elements);
   }
   ~HnswIndex() {
     for (uint32_t* p : upper_) std::free(p);
-    std::free(level0_);
   }
   HnswIndex(const HnswIndex&) = delete;
   HnswIndex& operator=(const HnswIndex&) = delete;
@@ -156,20 +165,21 @@ class HnswIndex {
       // collapses there); scanning the allowed set exactly costs `allowed` distances and is always right.
       if (filt->allowed * 20 < n || filt->allowed <= 32 * std::max(ef, k)) return exact(q, k, filt, s, labels, dists);
     }
-    uint32_t cur = static_cast<uint32_t>(entry);
     const int top_level = static_cast<int>(entry >> 32) - 1;
-    float d = vs_.dist(q, payload(cur));
-    for (int l = top_level; l > 0; --l) {
-      for (bool changed = true; changed;) {
-        changed = false;
-        const uint32_t* ll = links(cur, l);
-        const size_t c = list_count(ll);
-        for (size_t j = 1; j <= c; ++j) {
-          const float dd = vs_.dist(q, payload(ll[j]));
-          if (dd < d) { d = dd; cur = ll[j]; changed = true; }
+    if (!filt && num_deleted_.load(std::memory_order_relaxed) == 0) {
+      // The common case: one distance kernel resolved per query, a sorted beam instead of two heaps.
+      return vs_.with_distance(q, [&](const auto& dist) {
+        const uint32_t ep = greedy(dist, static_cast<uint32_t>(entry), top_level);
+        search_beam(dist, ep, std::max(ef, k), s);
+        const size_t found = std::min(k, s.beam.size());
+        for (size_t i = 0; i < found; ++i) {
+          labels[i] = get_label(s.beam[i].id);
+          dists[i] = s.beam[i].dist;
         }
-      }
+        return found;
+      });
     }
+    const uint32_t cur = greedy([&](const uint8_t* p) { return vs_.dist(q, p); }, static_cast<uint32_t>(entry), top_level);
     search_level0(q, cur, std::max(ef, k), filt, s);
     auto& top = s.top;
     std::sort_heap(top.begin(), top.end());
@@ -266,9 +276,12 @@ class HnswIndex {
   std::mt19937 rng_;
   std::mutex rng_mu_;
 
-  size_t links0_bytes_, upper_bytes_, payload_off_, label_off_, node_bytes_, prefetch_lines_;
+  size_t links0_bytes_, links0_stride_, upper_bytes_, vec_stride_, node_bytes_, prefetch_lines_;
   size_t max_elements_ = 0;
-  uint8_t* level0_ = nullptr;
+  HugeBuffer links0_buf_, vecs_buf_, labels_buf_;
+  uint8_t* links0_ = nullptr;  // the buffers' data(), cached: read on every hop
+  uint8_t* vecs_ = nullptr;
+  uint64_t* labels_ = nullptr;
   std::vector<uint32_t*> upper_;
   std::vector<int32_t> levels_;
 
@@ -288,23 +301,29 @@ class HnswIndex {
   // ---- memory ----
   void allocate(size_t new_max) {
     if (new_max > 0xFFFFFFF0ull) throw std::invalid_argument("max_elements must be < 2**32");
-    if (new_max != 0 && node_bytes_ > (uint64_t{1} << 62) / new_max)
+    const size_t per_node = links0_stride_ + vec_stride_ + 8;
+    if (new_max != 0 && per_node > (uint64_t{1} << 62) / new_max)
       throw std::invalid_argument("max_elements is too large");
-    const uint64_t bytes = static_cast<uint64_t>(new_max) * node_bytes_;
+    const uint64_t bytes = static_cast<uint64_t>(new_max) * per_node;
     if (bytes > physical_memory_bytes())
       throw std::runtime_error("Not enough memory: " + std::to_string(new_max) + " elements need " +
                                std::to_string(bytes) + " bytes, more than this machine has");
-    uint8_t* p = static_cast<uint8_t*>(std::realloc(level0_, std::max<uint64_t>(bytes, 64)));
-    if (!p) throw std::runtime_error("Not enough memory for " + std::to_string(new_max) + " elements");
-    if (bytes > max_elements_ * node_bytes_) std::memset(p + max_elements_ * node_bytes_, 0, bytes - max_elements_ * node_bytes_);
-    level0_ = p;
+    // New bytes are zero. At least one element each, so the pointers are never null.
+    const size_t m = std::max<size_t>(new_max, 1);
+    links0_buf_.resize(m * links0_stride_);
+    vecs_buf_.resize(m * vec_stride_);
+    labels_buf_.resize(m * 8);
+    links0_ = links0_buf_.data();
+    vecs_ = vecs_buf_.data();
+    labels_ = reinterpret_cast<uint64_t*>(labels_buf_.data());
     upper_.resize(new_max, nullptr);
     levels_.resize(new_max, 0);
     max_elements_ = new_max;
   }
 
   // ---- node accessors ----
-  uint8_t* node(uint32_t id) const { return level0_ + static_cast<size_t>(id) * node_bytes_; }
+  // The level-0 link block; its first u32 is the node header (count, deleted and ready bytes).
+  uint8_t* node(uint32_t id) const { return links0_ + static_cast<size_t>(id) * links0_stride_; }
   uint32_t* links(uint32_t id, int level) const {
     return level == 0 ? reinterpret_cast<uint32_t*>(node(id)) : upper_[id] + static_cast<size_t>(level - 1) * (maxM_ + 1);
   }
@@ -313,13 +332,21 @@ class HnswIndex {
   uint8_t* flags(uint32_t id) const { return node(id) + 2; }
   bool is_deleted(uint32_t id) const { return node(id)[2] & 1; }
   bool is_ready(uint32_t id) const { return node(id)[3] != 0; }
-  const uint8_t* payload(uint32_t id) const { return node(id) + payload_off_; }
-  uint64_t get_label(uint32_t id) const {
-    uint64_t l;
-    std::memcpy(&l, node(id) + label_off_, 8);
-    return l;
+  uint8_t* payload(uint32_t id) const { return vecs_ + static_cast<size_t>(id) * vec_stride_; }
+  uint64_t get_label(uint32_t id) const { return labels_[id]; }
+  void set_label(uint32_t id, uint64_t l) { labels_[id] = l; }
+
+  // hnswlib's level-0 block of one node, [header | links | payload | label] (node_bytes_): the file format.
+  void write_block(uint32_t id, uint8_t* out) const {
+    std::memcpy(out, node(id), links0_bytes_);
+    std::memcpy(out + links0_bytes_, payload(id), vs_.payload_bytes());
+    std::memcpy(out + links0_bytes_ + vs_.payload_bytes(), &labels_[id], 8);
   }
-  void set_label(uint32_t id, uint64_t l) { std::memcpy(node(id) + label_off_, &l, 8); }
+  void read_block(uint32_t id, const uint8_t* in) {
+    std::memcpy(node(id), in, links0_bytes_);
+    std::memcpy(payload(id), in + links0_bytes_, vs_.payload_bytes());
+    std::memcpy(&labels_[id], in + links0_bytes_ + vs_.payload_bytes(), 8);
+  }
   std::mutex& link_lock(uint32_t id) const { return link_locks_[id & (kLinkLocks - 1)]; }
   static size_t label_hash(uint64_t l) { return (l * 0x9E3779B97F4A7C15ull) >> 52; }  // 12 bits
   static void set_bit(Filter& f, uint32_t id) {
@@ -375,7 +402,80 @@ class HnswIndex {
     return std::min(static_cast<int>(r), kMaxLevel - 1);
   }
 
-  // ---- search on level 0 (query path: no locks) ----
+  // ---- search (query path: no locks) ----
+
+  // Greedy descent through the upper levels to the node closest to the query on level 1.
+  template <class Dist>
+  uint32_t greedy(const Dist& dist, uint32_t cur, int top_level) const {
+    float d = dist(payload(cur));
+    for (int l = top_level; l > 0; --l) {
+      for (bool changed = true; changed;) {
+        changed = false;
+        const uint32_t* ll = links(cur, l);
+        const size_t c = list_count(ll);
+        for (size_t j = 1; j <= c; ++j) {
+          const float dd = dist(payload(ll[j]));
+          if (dd < d) { d = dd; cur = ll[j]; changed = true; }
+        }
+      }
+    }
+    return cur;
+  }
+
+  // Level-0 search without filter or deleted nodes: the ef best found so far in one array sorted by distance,
+  // each with an "expanded" mark; always expand the closest unexpanded one. This visits exactly the nodes
+  // hnswlib's two-heap loop visits (a candidate that falls out of its top-ef is never expanded there
+  // either), but an insert is a short memmove in one or two cache lines instead of two heap sifts, and the
+  // next node to expand is found by a scan instead of a heap pop.
+  template <class Dist>
+  void search_beam(const Dist& dist, uint32_t ep, size_t ef, SearchScratch& s) const {
+    s.begin(max_elements_);
+    auto& beam = s.beam;
+    beam.resize(ef + 1);  // one spare slot: an insert into a full beam shifts the worst out past the end
+    BeamSlot* b = beam.data();
+    size_t size = 1, cur = 0;
+    b[0] = {dist(payload(ep)), ep, 0};
+    s.visit(ep);
+    s.ids.resize(maxM0_ + 1);
+    uint32_t* fresh = s.ids.data();
+    // 2 vectors ahead: the prefetches of the next vectors' lines are in flight while this one is computed.
+    constexpr size_t kAhead = 2;
+    while (cur < size) {
+      b[cur].expanded = 1;
+      const uint32_t* ll = links(b[cur].id, 0);
+      const size_t cnt = list_count(ll);
+      size_t m = 0;
+      for (size_t j = 1; j <= cnt; ++j) {
+        const uint32_t id = ll[j];
+        if (s.visit(id)) {
+          fresh[m++] = id;
+          __builtin_prefetch(payload(id), 0, 3);
+        }
+      }
+      for (size_t j = 0; j < std::min(kAhead, m); ++j) prefetch_payload(fresh[j]);
+      size_t first_new = size;
+      for (size_t j = 0; j < m; ++j) {
+        if (j + kAhead < m) prefetch_payload(fresh[j + kAhead]);
+        const uint32_t id = fresh[j];
+        const float d = dist(payload(id));
+        if (size == ef && !(d < b[size - 1].dist)) continue;
+        size_t pos = size;
+        while (pos > 0 && b[pos - 1].dist > d) --pos;  // from the back: most inserts land near the end
+        std::memmove(b + pos + 1, b + pos, (size - pos) * sizeof(BeamSlot));
+        b[pos] = {d, id, 0};
+        if (size < ef) ++size;
+        first_new = std::min(first_new, pos);
+        // Its link list is read when it is expanded, likely soon: start loading it now.
+        const char* lp = reinterpret_cast<const char*>(node(id));
+        for (size_t o = 0; o < links0_bytes_; o += 64) __builtin_prefetch(lp + o, 0, 3);
+      }
+      cur = first_new <= cur ? first_new : cur + 1;
+      while (cur < size && b[cur].expanded) ++cur;
+    }
+    beam.resize(size);
+  }
+
+  // ---- search on level 0 with a filter or deleted nodes (two heaps, hnswlib's loop) ----
   void search_level0(const Query& q, uint32_t ep, size_t ef, const Filter* filt, SearchScratch& s) const {
     s.begin(max_elements_);
     auto& top = s.top;  // max-heap on distance: the current best ef
@@ -409,9 +509,10 @@ class HnswIndex {
           __builtin_prefetch(payload(id), 0, 3);
         }
       }
-      if (m) prefetch_payload(fresh[0]);
+      static const size_t P = getenv("PF") ? atoi(getenv("PF")) : 1;
+      for (size_t j = 0; j < std::min(P, m); ++j) prefetch_payload(fresh[j]);
       for (size_t j = 0; j < m; ++j) {
-        if (j + 1 < m) prefetch_payload(fresh[j + 1]);
+        if (j + P < m) prefetch_payload(fresh[j + P]);
         const uint32_t id = fresh[j];
         const float dd = vs_.dist(q, payload(id));
         if (top.size() < ef || dd < lower) {
@@ -590,7 +691,7 @@ class HnswIndex {
     const int level = random_level();
     uint8_t* nd = node(id);
     std::memset(nd, 0, links0_bytes_);
-    vs_.encode(v, nd + payload_off_);
+    vs_.encode(v, payload(id));
     set_label(id, label);
     if (level > 0) {
       uint32_t* up = static_cast<uint32_t*>(std::calloc(static_cast<size_t>(level), upper_bytes_));
@@ -637,7 +738,7 @@ class HnswIndex {
   // New vector for an existing node: repair the lists of its old neighbors that pointed to it (they lose a
   // router), then link it where it now belongs, as a fresh insert at its existing level.
   void relink(uint32_t id, const float* v, SearchScratch& s) {
-    vs_.encode(v, node(id) + payload_off_);
+    vs_.encode(v, payload(id));
     const int level = levels_[id];
     const uint64_t entry = entry_.load(std::memory_order_acquire);
     const int top_level = static_cast<int>(entry >> 32) - 1;

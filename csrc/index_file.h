@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "hnsw.h"
 
@@ -52,7 +53,11 @@ struct IndexFile {
     size_t upper = 0;
     for (size_t i = 0; i < n; ++i) upper += static_cast<size_t>(ix.levels_[i]) * ix.upper_bytes_;
     w.put(static_cast<uint64_t>(upper));
-    w.bytes(ix.level0_, n * ix.node_bytes_);
+    std::vector<uint8_t> block(ix.node_bytes_);
+    for (size_t i = 0; i < n; ++i) {
+      ix.write_block(static_cast<uint32_t>(i), block.data());
+      w.bytes(block.data(), block.size());
+    }
     w.bytes(ix.levels_.data(), 4 * n);
     for (size_t i = 0; i < n; ++i)
       if (ix.levels_[i] > 0) w.bytes(ix.upper_[i], static_cast<size_t>(ix.levels_[i]) * ix.upper_bytes_);
@@ -100,7 +105,8 @@ struct IndexFile {
     std::memcpy(&got, p + data.size() - 8, 8);
     if (want != got) r.fail("checksum mismatch");
     ix->allocate(std::max<uint64_t>(max_el, std::max<uint64_t>(max_elements, n)));
-    std::memcpy(ix->level0_, r.take(n * node_bytes), n * node_bytes);
+    const uint8_t* blocks = r.take(n * node_bytes);
+    for (size_t i = 0; i < n; ++i) ix->read_block(static_cast<uint32_t>(i), blocks + i * node_bytes);
     std::memcpy(ix->levels_.data(), r.take(4 * n), 4 * n);
     uint64_t used = 0;
     for (size_t i = 0; i < n; ++i) {
@@ -141,7 +147,8 @@ struct IndexFile {
     auto ix = std::make_unique<HnswIndex>(space, dim, Storage::F32, 0, M, efc, 100, allow_replace, simd);
     if (ix->node_bytes_ != size_data) r.fail("element layout differs from hnswlib's");
     ix->allocate(std::max<uint64_t>(max_el, std::max<uint64_t>(max_elements, n)));
-    std::memcpy(ix->level0_, r.take(n * size_data), n * size_data);
+    const uint8_t* blocks = r.take(n * size_data);
+    for (size_t i = 0; i < n; ++i) ix->read_block(static_cast<uint32_t>(i), blocks + i * size_data);
     for (size_t i = 0; i < n; ++i) {
       const uint32_t bytes = r.get<uint32_t>();
       if (bytes % ix->upper_bytes_ != 0 || bytes / ix->upper_bytes_ >= kMaxLevel)

@@ -65,11 +65,19 @@ inline void push_topk(std::vector<Pair>& heap, size_t k, Pair item) {
   }
 }
 
+// One entry of the sorted search beam (hnsw.h search_beam).
+struct BeamSlot {
+  float dist;
+  uint32_t id;
+  uint32_t expanded;
+};
+
 // Scratch for one search: visited tags with an epoch (no clearing per query), the two heaps, decode buffers.
 struct SearchScratch {
   std::vector<uint16_t> tags;
   uint16_t epoch = 0;
   std::vector<Cand> cand, top;
+  std::vector<BeamSlot> beam;
   std::vector<float> buf_a, buf_b;
   std::vector<uint32_t> ids;
 

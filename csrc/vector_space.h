@@ -104,6 +104,35 @@ struct VectorSpace {
     }
   }
 
+  // Calls fn(dist) with `dist(payload) -> float` for this storage and space, with the kernel and the
+  // space's formula resolved here once instead of per distance (the hot search loop is instantiated per
+  // case). Returns what fn returns.
+  template <class Fn>
+  auto with_distance(const Query& q, Fn&& fn) const {
+    const size_t d = dim;
+    const float* v = q.v;
+    switch (storage) {
+      case Storage::F32: {
+        if (space == Space::L2) {
+          const DistFn f = k.f32.l2sq;
+          return fn([=](const uint8_t* p) { return f(v, reinterpret_cast<const float*>(p), d); });
+        }
+        const DistFn f = k.f32.ip;
+        return fn([=](const uint8_t* p) { return 1.f - f(v, reinterpret_cast<const float*>(p), d); });
+      }
+      case Storage::F16: {
+        if (space == Space::L2) {
+          const F16Fn f = k.l2sq_f16;
+          return fn([=](const uint8_t* p) { return f(v, reinterpret_cast<const uint16_t*>(p), d); });
+        }
+        const F16Fn f = k.ip_f16;
+        return fn([=](const uint8_t* p) { return 1.f - f(v, reinterpret_cast<const uint16_t*>(p), d); });
+      }
+      default:
+        return fn([this, &q](const uint8_t* p) { return dist(q, p); });
+    }
+  }
+
   // Distance between a prepared query and one stored payload. The switch is on constants fixed at
   // construction, so it predicts perfectly; the cost is the kernel itself.
   float dist(const Query& q, const uint8_t* p) const {
