@@ -50,6 +50,7 @@ class ServerState:
     retry_after: str | None = None  # sent with the failures
     max_inputs: int = 2048  # the endpoint's limits, enforced like OpenAI's (400)
     max_words: int = 300_000
+    corrupt: str | None = None  # "drop", "ragged", "zero", "dims": a broken answer
     delay: float = 0.0  # seconds per answer, to see requests overlap
     in_flight: int = 0
     max_in_flight: int = 0
@@ -114,6 +115,15 @@ class Handler(BaseHTTPRequestHandler):
         for i, t in enumerate(inputs):
             v = word_vector(t, MODEL_DIMS[model])[:dim]
             data.append({"object": "embedding", "index": i, "embedding": v.tolist()})
+        if st.corrupt == "drop":
+            data.pop()
+        elif st.corrupt == "ragged":
+            data[-1]["embedding"].pop()
+        elif st.corrupt == "zero":
+            data[-1]["embedding"] = [0.0] * len(data[-1]["embedding"])
+        elif st.corrupt == "dims":
+            for d in data:
+                d["embedding"].append(1.0)
         data.reverse()  # the order of `data` is not promised: the client must sort by index
         self._send(200, {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 0}})
 
@@ -140,7 +150,7 @@ def api(server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch) -> Ser
     state.requests.clear()
     state.retry_after = None
     state.max_inputs, state.max_words = 2048, 300_000
-    state.delay, state.max_in_flight = 0.0, 0
+    state.delay, state.max_in_flight, state.corrupt = 0.0, 0, None
     waits: list[float] = []
     monkeypatch.setattr(oe, "_sleep", waits.append)
     state.waits = waits  # type: ignore[attr-defined]
@@ -232,8 +242,8 @@ def test_an_error_stops_the_other_requests(api: ServerState, monkeypatch: pytest
     monkeypatch.setattr(oe, "MAX_INPUTS_PER_REQUEST", 1)
     api.delay = 0.02
     api.requests.clear()
-    api.fail_next[:] = [400]  # not retried
-    with pytest.raises(Phi3FastError, match="400 try again later"):
+    api.fail_next[:] = [403]  # not retried
+    with pytest.raises(Phi3FastError, match="403 try again later"):
         emb.encode([f"t{i}" for i in range(20)])
     # The failing request was among the first PARALLEL_REQUESTS; at most that many more went out after it.
     assert len(api.requests) <= 2 * oe.PARALLEL_REQUESTS - 1
@@ -266,17 +276,17 @@ def test_batching_within_token_budget(api: ServerState, monkeypatch: pytest.Monk
 def test_retries_then_success(api: ServerState, capsys: pytest.CaptureFixture[str]) -> None:
     emb = Embedder("openai:tiny-embed")
     api.requests.clear()
-    api.fail_next[:] = [429, 500, 503, 502]
+    api.fail_next[:] = [429, 500, 408, 503, 409, 502]
     vecs = emb.encode(["pump oil"])
-    assert len(api.requests) == 5  # four failures, then the answer; the client itself did not retry
+    assert len(api.requests) == 7  # six failures, then the answer; the client itself did not retry
     np.testing.assert_allclose(vecs[0], unit(word_vector("pump oil", 256)), atol=1e-6)
     # Exponential, with jitter in the upper half of each step.
     for attempt, wait in enumerate(api.waits):
         step = oe.BASE_DELAY * 2**attempt
         assert step / 2 <= wait <= step
-    assert len(api.waits) == 4
+    assert len(api.waits) == 6
     warnings = capsys.readouterr().err.splitlines()
-    assert len(warnings) == 4 and warnings[0].startswith(
+    assert len(warnings) == 6 and warnings[0].startswith(
         "warning: embedder 'openai:tiny-embed' at http://127.0.0.1:"
     )
     assert warnings[0].endswith(
@@ -340,6 +350,22 @@ def test_401_and_404_are_clear_and_not_retried(api: ServerState, monkeypatch: py
     with pytest.raises(Phi3FastError, match=rf"at {re.escape(url)}: 404 .*wrong OPENAI_BASE_URL"):
         Embedder("openai:tiny-embed")
     assert len(api.requests) == 3 and api.waits == []
+
+
+@pytest.mark.parametrize(
+    "corrupt,msg",
+    [
+        ("drop", r"answered 1 vectors for 2 inputs"),
+        ("ragged", r"malformed vectors in the response"),
+        ("zero", r"a zero or non-finite vector"),
+        ("dims", r"returned 257-dim vectors, earlier 256-dim"),
+    ],
+)
+def test_broken_answers_are_refused(api: ServerState, corrupt: str, msg: str) -> None:
+    emb = Embedder("openai:tiny-embed")
+    api.corrupt = corrupt
+    with pytest.raises(Phi3FastError, match=msg):
+        emb.encode(["a b", "c d"])
 
 
 def test_other_4xx_is_reported(api: ServerState) -> None:

@@ -1,23 +1,24 @@
 """`openai:MODEL` embedders: any OpenAI-compatible /v1/embeddings endpoint, through the official `openai` client.
 
 The endpoint is OPENAI_BASE_URL (default https://api.openai.com/v1) with the key OPENAI_API_KEY; a local server
-(vLLM, llama.cpp, Ollama, text-embeddings-inference...) may need no key, and then a placeholder is sent, since the
-client refuses to run without one. The spec may ask for shortened vectors: `openai:text-embedding-3-small?dimensions=512`.
+(vLLM, llama.cpp, Ollama, text-embeddings-inference...) may need no key, and then a placeholder is sent, since
+the client refuses to run without one. The spec may ask for shortened vectors:
+`openai:text-embedding-3-small?dimensions=512`.
 
 Chunking tokenizer
 ------------------
 Chunking needs each token's character span, and there is no local tokenizer for OpenAI's models (tiktoken would
-download its vocabulary). The bundled all-MiniLM-L6-v2 WordPiece tokenizer stands in. It counts English about
-like cl100k (a few more pieces per rare word), but a script its vocabulary lacks collapses to one [UNK] per
-word and counts fewer tokens than the endpoint will. Hence the margins: an input may be up to half the endpoint's
-per-input limit in proxy tokens, and a request carries up to half its per-request token limit. Chunks are 256
-proxy tokens unless --chunk-tokens says otherwise.
+download its vocabulary). The bundled all-MiniLM-L6-v2 WordPiece tokenizer stands in. Its 30k vocabulary splits
+rare English words into more pieces than cl100k's 100k one, which errs on the safe side; but a script it lacks
+collapses to one [UNK] per word and counts fewer tokens than the endpoint will. Hence the margins: an input may be
+up to half the endpoint's per-input limit in proxy tokens, and a request carries up to half its per-request token
+limit. Chunks are 256 proxy tokens unless --chunk-tokens says otherwise.
 
 Failures
 --------
-429, 5xx, timeouts and refused connections are retried with exponential backoff and jitter by our own loop (the
-client's retries are off, so the attempt count and delays are ours to state and test). 401, 404 and other 4xx
-are the user's to fix: one line naming the endpoint, no retry.
+429 (also 408 and 409), 5xx, timeouts and refused connections are retried with exponential backoff and jitter by
+our own loop (the client's retries are off, so the attempt count and delays are ours to state and test). 401,
+404 and other 4xx are the user's to fix: one line naming the endpoint, no retry.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ PROXY_MAX_SEQ_LENGTH = MAX_TOKENS_PER_INPUT // 2
 MAX_ATTEMPTS = 7
 BASE_DELAY = 0.5
 MAX_DELAY = 30.0  # also caps a server's Retry-After
+# Retried besides 5xx and connection errors: timeout, conflict (a transient lock) and rate limit, as in the
+# openai client's own policy.
+RETRY_STATUSES = (408, 409, 429)
 # 4 requests in flight: the endpoint's latency, not our CPU, bounds throughput; more mostly buys 429s.
 PARALLEL_REQUESTS = 4
 TIMEOUT = 120.0  # seconds per request: 2048 inputs on a busy endpoint can take tens of seconds
@@ -167,10 +171,8 @@ class OpenAIEmbedder(Embedder):
         self.tokenizer = Tokenizer.from_file(os.path.join(bundled_model_path(), "tokenizer.json"))
         self.max_seq_length = PROXY_MAX_SEQ_LENGTH
         self.dim = 0  # set by the probe: the dimension is whatever the endpoint returns
-        probe = self._request(
-            ["dimension probe"]
-        )  # also fails early, before any chunking, on a bad key/model
-        self.dim = probe.shape[1]
+        # One tiny request learns the dimension, and fails early, before any chunking, on a bad key/model/URL.
+        self.dim = self._request(["dimension probe"]).shape[1]
 
     def token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         with self._lock:
@@ -191,42 +193,45 @@ class OpenAIEmbedder(Embedder):
                     model=self.spec.model, input=inputs, encoding_format="float", **kwargs
                 )
                 break
-            except openai.AuthenticationError as e:
-                raise Phi3FastError(
-                    f"{where}: 401 unauthorized ({_server_message(e)}): check OPENAI_API_KEY"
-                ) from None
-            except openai.NotFoundError as e:
-                raise Phi3FastError(
-                    f"{where}: 404 not found ({_server_message(e)}): unknown model '{self.spec.model}' or "
-                    "wrong OPENAI_BASE_URL (it usually ends in /v1)"
-                ) from None
-            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
-                # APIConnectionError includes timeouts; InternalServerError is any status >= 500.
-                status = getattr(e, "status_code", None)
-                what = f"{status} {_server_message(e)}" if status else f"{type(e).__name__}: {e}"
-                if attempt + 1 == MAX_ATTEMPTS or (cancel is not None and cancel.is_set()):
-                    n = attempt + 1
+            except openai.APIStatusError as e:
+                status = e.status_code
+                if status == 401:
                     raise Phi3FastError(
-                        f"{where}: gave up after {n} attempt{'s' if n > 1 else ''} ({what})"
+                        f"{where}: 401 unauthorized ({_server_message(e)}): check OPENAI_API_KEY"
                     ) from None
-                delay = backoff_delay(attempt, _retry_after(e))
-                # A rate-limited run can stall for a while: say why, on stderr like the index's warnings.
-                print(
-                    f"warning: {where}: {what}; retry {attempt + 1}/{MAX_ATTEMPTS - 1} in {delay:.1f} s",
-                    file=sys.stderr,
-                )
-                _sleep(delay)
-            except openai.APIStatusError as e:  # 400 (an input too long...), 403, 422: retrying will not help
-                raise Phi3FastError(f"{where}: {e.status_code} {_server_message(e)}") from None
+                if status == 404:
+                    raise Phi3FastError(
+                        f"{where}: 404 not found ({_server_message(e)}): unknown model '{self.spec.model}' or "
+                        "wrong OPENAI_BASE_URL (it usually ends in /v1)"
+                    ) from None
+                if status not in RETRY_STATUSES and status < 500:
+                    # 400 (an input too long...), 403, 422: retrying will not help
+                    raise Phi3FastError(f"{where}: {status} {_server_message(e)}") from None
+                what = f"{status} {_server_message(e)}"
+                err: Exception = e
+            except openai.APIConnectionError as e:  # refused, reset, DNS, and timeouts (a subclass)
+                what = f"{type(e).__name__}: {e}"
+                err = e
+            n = attempt + 1
+            if n == MAX_ATTEMPTS or (cancel is not None and cancel.is_set()):
+                raise Phi3FastError(
+                    f"{where}: gave up after {n} attempt{'s' if n > 1 else ''} ({what})"
+                ) from None
+            delay = backoff_delay(attempt, _retry_after(err))
+            # A rate-limited run can stall for a while: say why, on stderr like the index's warnings.
+            print(f"warning: {where}: {what}; retry {n}/{MAX_ATTEMPTS - 1} in {delay:.1f} s", file=sys.stderr)
+            _sleep(delay)
         data = sorted(resp.data, key=lambda d: d.index)
-        if len(data) != len(texts) or [d.index for d in data] != list(range(len(texts))):
-            raise Phi3FastError(f"{where}: asked for {len(texts)} vectors, got {len(data)}")
+        if [d.index for d in data] != list(range(len(texts))):
+            raise Phi3FastError(
+                f"{where}: answered {len(data)} vectors for {len(texts)} inputs (or repeated an index)"
+            )
         try:
             vecs = np.array([d.embedding for d in data], dtype=np.float64)
         except (TypeError, ValueError):
-            raise Phi3FastError(f"{where}: vectors of different lengths in one response") from None
+            vecs = np.zeros(0)
         if vecs.ndim != 2 or vecs.shape[1] == 0:
-            raise Phi3FastError(f"{where}: no vectors in the response")
+            raise Phi3FastError(f"{where}: malformed vectors in the response (ragged, empty or not numbers)")
         if self.dim and vecs.shape[1] != self.dim:
             raise Phi3FastError(f"{where}: returned {vecs.shape[1]}-dim vectors, earlier {self.dim}-dim")
         if self.spec.dimensions and vecs.shape[1] != self.spec.dimensions:
