@@ -570,3 +570,27 @@ def test_custom_code_needs_trust_remote_code(custom_code_model: Path, tmp_path: 
         reopened.search("relief valve", k=1, mode="dense")[0].text
         == index.search("relief valve", k=1, mode="dense")[0].text
     )
+
+
+def test_custom_sentence_transformers_module(custom_code_model: Path, tmp_path: Path) -> None:
+    """jina-embeddings-v3's way: modules.json names a module class in a .py file of the folder."""
+    d = tmp_path / "custom-st"
+    shutil.copytree(custom_code_model, d)
+    (d / "custom_st.py").write_text(
+        "from sentence_transformers.models import Transformer as _Transformer\n\n\n"
+        "class Transformer(_Transformer):\n    pass\n"
+    )
+    modules = json.loads((d / "modules.json").read_text())
+    modules[0]["type"] = "custom_st.Transformer"
+    (d / "modules.json").write_text(json.dumps(modules))
+    config = json.loads((d / "config.json").read_text())  # the same weights, as a plain BERT this time
+    del config["auto_map"]
+    config.update(model_type="bert", architectures=["BertModel"])
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Phi3FastError, match="ships its own modelling code .*pass --trust-remote-code"):
+        Embedder(str(d))
+    emb = Embedder(str(d), trust_remote_code=True)
+    assert type(emb.model[0]).__module__.endswith("custom_st")
+    texts = ["pump oil grade", "relief valve at 12 bar"]
+    ref = Embedder.shared(str(custom_code_model), trust_remote_code=True)
+    np.testing.assert_allclose(emb.encode(texts), ref.encode(texts), rtol=0, atol=1e-6)
