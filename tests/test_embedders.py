@@ -565,6 +565,30 @@ def test_custom_code_needs_trust_remote_code(custom_code_model: Path, tmp_path: 
     assert len(index.search("relief valve", k=3, mode="dense")) == 3
     with pytest.raises(Phi3FastError, match="pass --trust-remote-code"):
         Index.open(tmp_path / "idx").search("relief valve", k=3, mode="dense")
+    # The CLI's --trust-remote-code reaches it; without it, one line says to pass it.
+    runner, out = CliRunner(), str(tmp_path / "cli-idx")
+    cmd = [
+        "index",
+        str(docs),
+        "--out",
+        out,
+        "--embedder",
+        str(custom_code_model),
+        "--chunk-tokens",
+        "48",
+        "--overlap",
+        "8",
+    ]
+    r = runner.invoke(main, cmd)
+    assert r.exit_code == 2 and "pass --trust-remote-code" in r.output
+    r = runner.invoke(main, [*cmd, "--trust-remote-code"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["query", "relief valve", "--index", out, "--mode", "dense"])
+    assert r.exit_code == 2 and "pass --trust-remote-code" in r.output
+    r = runner.invoke(
+        main, ["query", "relief valve", "--index", out, "--mode", "dense", "--trust-remote-code"]
+    )
+    assert r.exit_code == 0 and "[3] " in r.output, r.output
     reopened = Index.open(tmp_path / "idx", trust_remote_code=True)
     assert (
         reopened.search("relief valve", k=1, mode="dense")[0].text
