@@ -26,9 +26,33 @@ if TYPE_CHECKING:
 )
 @click.option("--chunk-tokens", type=int, default=None, help="Max embedder tokens per chunk [default: 256].")
 @click.option("--overlap", type=int, default=None, help="Tokens shared by consecutive chunks [default: 32].")
+@click.option(
+    "--store",
+    default=None,
+    metavar="builtin|milvus:URI",
+    help="Where chunks and vectors live: builtin (SQLite + HNSW in --out, the default for a new index) or "
+    "milvus:http://host:19530 (token from $MILVUS_TOKEN) or milvus:./rag.db (Milvus Lite). "
+    "Re-runs keep the index's store.",
+)
+@click.option(
+    "--export-parquet",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write every chunk (id, vector, text, metadata) to this Parquet file (Milvus bulk-import format).",
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Let the embedder run the modelling code it ships (e.g. jina)."
+)
 @user_errors
 def index_cmd(
-    paths: tuple[Path, ...], out: Path, embedder: str | None, chunk_tokens: int | None, overlap: int | None
+    paths: tuple[Path, ...],
+    out: Path,
+    embedder: str | None,
+    chunk_tokens: int | None,
+    overlap: int | None,
+    store: str | None,
+    export_parquet: Path | None,
+    trust_remote_code: bool,
 ) -> None:
     """Index documents (.md .txt .rst .html .pdf .jsonl) for `phi3fast query`; re-runs are incremental."""
     from phi3fast.rag import Index
@@ -39,6 +63,8 @@ def index_cmd(
         embedder=embedder,
         chunk_tokens=chunk_tokens,
         overlap=overlap,
+        store=store,
+        trust_remote_code=trust_remote_code,
         progress=sys.stderr.isatty(),
     )
     s = index.build_stats
@@ -49,6 +75,9 @@ def index_cmd(
         f"deleted {s.files_deleted}, skipped {s.files_skipped}); embedded {s.chunks_embedded} chunks "
         f"in {s.seconds:.1f} s ({s.chunks_per_second:.1f} chunks/s; {s.embed_seconds:.1f} s of it embedding)"
     )
+    if export_parquet is not None:
+        n = index.export_parquet(export_parquet)
+        click.echo(f"{export_parquet}: {n} chunks (Parquet: id, vector, text and metadata)")
 
 
 def _questions(question: str | None, from_file: Path | None) -> list[str]:
@@ -94,6 +123,9 @@ def _print_results(results: list) -> None:
     "--embedder", default=None, help="Must be the embedder the index was built with (default: that one)."
 )
 @click.option(
+    "--trust-remote-code", is_flag=True, help="Needed again for an index built with --trust-remote-code."
+)
+@click.option(
     "--model", "model_dir", default=None, help="Phi-3 checkpoint: answer from the passages, citing them."
 )
 @click.option("--adapter", default=None, help="PEFT LoRA adapter (directory or Hub id), with --model.")
@@ -107,6 +139,7 @@ def query_cmd(
     from_file: Path | None,
     mode: str,
     embedder: str | None,
+    trust_remote_code: bool,
     model_dir: str | None,
     adapter: str | None,
     max_new_tokens: int,
@@ -120,7 +153,7 @@ def query_cmd(
     if adapter is not None and model_dir is None:
         raise Phi3FastError("--adapter needs --model")
     questions = _questions(question, from_file)
-    index = Index.open(index_dir, embedder=embedder)
+    index = Index.open(index_dir, embedder=embedder, trust_remote_code=trust_remote_code)
     as_json = as_json or from_file is not None
     model = None
     if model_dir is not None:
