@@ -55,6 +55,7 @@ class ServerState:
     in_flight: int = 0
     max_in_flight: int = 0
     requests: list[dict] = field(default_factory=list)  # bodies of the requests that reached the handler
+    auth: list[str | None] = field(default_factory=list)  # their Authorization headers
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -94,6 +95,7 @@ class Handler(BaseHTTPRequestHandler):
         st = self.state
         with st.lock:
             st.requests.append(body)
+            st.auth.append(self.headers.get("Authorization"))
             status = st.fail_next.pop(0) if st.fail_next else None
         if self.path != "/v1/embeddings":
             return self._error(404, f"no route {self.path}")
@@ -384,7 +386,7 @@ def test_keys_and_missing_client(monkeypatch: pytest.MonkeyPatch, server: tuple[
     monkeypatch.setenv("OPENAI_BASE_URL", server[0])
     with pytest.raises(Phi3FastError, match="401"):
         Embedder("openai:tiny-embed")
-    assert server[1].requests[-1]  # it did reach the server
+    assert server[1].auth[-1] == f"Bearer {oe.PLACEHOLDER_KEY}"
     monkeypatch.setitem(sys.modules, "openai", None)  # as if not installed
     with pytest.raises(Phi3FastError, match=r"pip install 'phi3fast\[openai\]'"):
         Embedder("openai:tiny-embed")
@@ -589,6 +591,8 @@ def test_custom_code_needs_trust_remote_code(custom_code_model: Path, tmp_path: 
         main, ["query", "relief valve", "--index", out, "--mode", "dense", "--trust-remote-code"]
     )
     assert r.exit_code == 0 and "[3] " in r.output, r.output
+    with pytest.raises(Phi3FastError, match="cannot be searched with 'openai:tiny-embed'"):
+        Index.open(tmp_path / "idx", embedder="openai:tiny-embed")
     reopened = Index.open(tmp_path / "idx", trust_remote_code=True)
     assert (
         reopened.search("relief valve", k=1, mode="dense")[0].text
