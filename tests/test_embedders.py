@@ -56,6 +56,7 @@ class ServerState:
     max_in_flight: int = 0
     requests: list[dict] = field(default_factory=list)  # bodies of the requests that reached the handler
     auth: list[str | None] = field(default_factory=list)  # their Authorization headers
+    waits: list[float] = field(default_factory=list)  # the client's backoff sleeps (not slept)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -153,9 +154,8 @@ def api(server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch) -> Ser
     state.retry_after = None
     state.max_inputs, state.max_words = 2048, 300_000
     state.delay, state.max_in_flight, state.corrupt = 0.0, 0, None
-    waits: list[float] = []
-    monkeypatch.setattr(oe, "_sleep", waits.append)
-    state.waits = waits  # type: ignore[attr-defined]
+    state.waits = []
+    monkeypatch.setattr(oe, "_sleep", state.waits.append)
     return state
 
 
@@ -392,10 +392,14 @@ def test_keys_and_missing_client(monkeypatch: pytest.MonkeyPatch, server: tuple[
         Embedder("openai:tiny-embed")
 
 
-def test_shared_follows_the_endpoint(api: ServerState, server: tuple[str, ServerState]) -> None:
+def test_shared_follows_the_endpoint(
+    api: ServerState, server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a = Embedder.shared("openai:tiny-embed")
-    assert Embedder.shared("openai:tiny-embed") is a
-    assert a.client.base_url.host == "127.0.0.1"
+    assert Embedder.shared("openai:tiny-embed?") is a and a.client.base_url.host == "127.0.0.1"
+    monkeypatch.setenv("OPENAI_BASE_URL", server[0].replace("127.0.0.1", "localhost"))
+    b = Embedder.shared("openai:tiny-embed")  # another endpoint: another client
+    assert b is not a and b.client.base_url.host == "localhost"
 
 
 # ---------------------------------------------------------------------------------------------------------------
