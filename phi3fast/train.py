@@ -70,6 +70,9 @@ class TrainConfig:
     packing: bool = False
     quantize: str = "nf4"  # 'nf4' (QLoRA) or 'none' (LoRA over a 16-bit base)
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    # Row-wise kernels (RMSNorm, RoPE, SwiGLU, the fused cross-entropy): auto = Triton on CUDA, torch on CPU;
+    # 'triton' on CPU runs Triton's interpreter (tests: TRITON_INTERPRET=1).
+    kernels: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -90,6 +93,10 @@ class TrainConfig:
                 f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}",
             ),
             (bool(self.target_modules), "--target-modules must name at least one module"),
+            (
+                self.kernels in ("auto", "triton", "torch"),
+                f"--kernels must be auto, triton or torch, got {self.kernels!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,6 +134,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def resolve_kernels(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend --kernels NAME runs on `device` with `dtype` activations ('triton' or 'torch'); checked
+    before the model loads, so `--kernels triton` on a CPU without the interpreter fails at once."""
+    from phi3fast.kernels.reference import resolve_backend
+
+    try:
+        return resolve_backend(name, device, dtype, gemm=False)
+    except Phi3FastError as exc:
+        raise Phi3FastError(f"--kernels {name}: {exc}") from None
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -277,13 +295,15 @@ class MetricsLog:
         return path
 
 
-def _micro_loss(model: Any, rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
+def _micro_loss(
+    model: Any, rows: list[Row], pad_id: int, device: torch.device, kernels: str = "auto"
+) -> tuple[torch.Tensor, int]:
     """Summed token loss of one micro-batch (fp32, differentiable) and its real token count."""
     b = collate(rows, pad_id)
     to = lambda t: None if t is None else t.to(device, non_blocking=True)
     hidden = model.hidden_states(to(b.input_ids), to(b.position_ids), to(b.seq_ids))
     loss = chunked_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, to(b.labels).reshape(-1)
+        hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, to(b.labels).reshape(-1), backend=kernels
     )
     return loss, b.n_tokens
 
@@ -297,7 +317,7 @@ def evaluate(model: Any, rows: list[Row], cfg: TrainConfig, pad_id: int, dd: dis
     total = torch.zeros(2, dtype=torch.float64, device=dd.device)
     for i in range(0, len(mine), cfg.batch_size):
         chunk = mine[i : i + cfg.batch_size]
-        loss, _ = _micro_loss(model, chunk, pad_id, dd.device)
+        loss, _ = _micro_loss(model, chunk, pad_id, dd.device, cfg.kernels)
         total += torch.tensor(
             [float(loss), sum(r.n_targets for r in chunk)], dtype=torch.float64, device=dd.device
         )
@@ -327,6 +347,7 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(cfg.dtype, dd.device)
+    kernels = resolve_kernels(cfg.kernels, dd.device, dtype)
 
     # Bad rows and a damaged checkpoint are reported before the (slow) model load.
     examples = load_rows(cfg.data)
@@ -352,6 +373,7 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
         raise RuntimeError("LoRA parameters must be fp32 master weights (AdamW keeps fp32 state)")
     distributed.broadcast_(params)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.set_kernel_backend(cfg.kernels)
     model.train()
 
     micro = cfg.batch_size
@@ -421,7 +443,9 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
             loss_sum = torch.zeros((), dtype=torch.float32, device=dd.device)
             for m in range(cfg.grad_accum):
                 j = m * dd.world + dd.rank  # this rank's micro-batch j of the global batch
-                loss, _ = _micro_loss(model, batch_rows[j * micro : (j + 1) * micro], pad_id, dd.device)
+                loss, _ = _micro_loss(
+                    model, batch_rows[j * micro : (j + 1) * micro], pad_id, dd.device, cfg.kernels
+                )
                 (loss * (scaler.scale / denom)).backward()
                 loss_sum += loss.detach()
             grads = [p.grad for p in params if p.grad is not None]
@@ -451,6 +475,7 @@ def _train(cfg: TrainConfig, dd: distributed.Dist, on_step: Any, lora: Any, load
                 "tokens": tokens_seen,
                 "tokens_per_s": step_tokens / dt,
                 "peak_mem_bytes": int(distributed.max_across(peak_memory_bytes(dd.device), dd.device)),
+                "kernels": kernels,
             }
             if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 metrics["eval_loss"] = evaluate(model, eval_rows, cfg, pad_id, dd)

@@ -53,6 +53,8 @@ from phi3fast.train import TARGETS
               help="nf4: QLoRA (4-bit base); none: LoRA over a 16-bit base.")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Compute dtype; auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")  # fmt: skip
+@click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+              help="RMSNorm, RoPE, SwiGLU and cross-entropy kernels; auto: Triton on CUDA, PyTorch on CPU.")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def train(target_modules: str, no_progress: bool, **options: object) -> None:
