@@ -415,11 +415,17 @@ class HnswIndex {
         __builtin_prefetch(payload(id), 0, 1);  // first line of every fresh neighbour at once
       }
     }
+    for_each_dist(dist, fresh, m, on_dist);
+  }
+
+  // on_dist(id, dist(payload(id))) for ids[0, n), streaming the vectors prefetch_ahead_ ahead.
+  template <class Dist, class OnDist>
+  void for_each_dist(const Dist& dist, const uint32_t* ids, size_t n, OnDist&& on_dist) const {
     const size_t ahead = prefetch_ahead_;
-    for (size_t j = 0; j < std::min(ahead, m); ++j) prefetch_payload(fresh[j]);
-    for (size_t j = 0; j < m; ++j) {
-      if (j + ahead < m) prefetch_payload(fresh[j + ahead]);
-      on_dist(fresh[j], dist(payload(fresh[j])));
+    for (size_t j = 0; j < std::min(ahead, n); ++j) prefetch_payload(ids[j]);
+    for (size_t j = 0; j < n; ++j) {
+      if (j + ahead < n) prefetch_payload(ids[j + ahead]);
+      on_dist(ids[j], dist(payload(ids[j])));
     }
   }
 
@@ -631,6 +637,7 @@ class HnswIndex {
     if (c.size() <= m) return;
     size_t kept = 0;
     for (size_t i = 0; i < c.size() && kept < m; ++i) {
+      if (i + prefetch_ahead_ < c.size()) prefetch_payload(c[i + prefetch_ahead_].second);
       const Query qe = node_query(c[i].second, buf);
       bool good = true;
       for (size_t j = 0; j < kept; ++j) {
@@ -670,7 +677,8 @@ class HnswIndex {
       const Query qn = node_query(nb, s.buf_a);
       pool.clear();
       pool.emplace_back(vs_.dist(qn, payload(id)), id);
-      for (size_t j = 1; j <= c; ++j) pool.emplace_back(vs_.dist(qn, payload(ll[j])), ll[j]);
+      for_each_dist([&](const uint8_t* p) { return vs_.dist(qn, p); }, ll + 1, c,
+                    [&](uint32_t o, float d) { pool.emplace_back(d, o); });
       select_neighbors(pool, maxc, s.buf_b);
       for (size_t j = 0; j < pool.size(); ++j) ll[1 + j] = pool[j].second;
       set_count(ll, pool.size());
