@@ -1,14 +1,18 @@
 """RAG throughput and latency: indexing chunks/s, and query latency at 10k and 100k chunks with phi3fast.hnsw,
-hnswlib and faiss as the vector store, in one run, on the same vectors and queries.
+hnswlib and faiss as the vector store, and the whole hybrid path with the built-in store and with Milvus Lite,
+in one run, on the same vectors and queries.
 
-    python bench/rag.py [--quick] [--sizes 10000,100000] [--queries 200]
+    python bench/rag.py [--quick] [--sizes 10000,100000] [--queries 200] [--no-milvus]
 
-1. Indexing: `Index.build` end to end (read, chunk, embed with all-MiniLM-L6-v2, SQLite + FTS5, HNSW) on a
-   generated corpus of equipment manuals, and the share of that time spent inside the embedder.
+1. Indexing: `Index.build` end to end (read, chunk, embed with all-MiniLM-L6-v2, then the store) on a generated
+   corpus of equipment manuals, into the built-in store (SQLite + FTS5 + HNSW) and into Milvus Lite
+   (`--store milvus:`), with the share of the time spent inside the embedder and the store's own seconds.
 2. Query latency at N chunks, one query at a time as `phi3fast query` runs them: embed the question (real
    MiniLM), then the vector search (k=10, ef=128, M=16, ef_construction=200 for every store), then, for
    phi3fast, the whole hybrid path (+ FTS5 BM25 + identifier list + reciprocal rank fusion) over the same N
-   chunks in SQLite. recall@10 is against exact search (numpy), so the stores are compared at a stated recall.
+   chunks in SQLite; and the same hybrid path through the Milvus store (Milvus Lite: HNSW COSINE + its BM25
+   function + LIKE identifier filters, over gRPC to the local Milvus Lite server). recall@10 is against exact
+   search (numpy), so the vector stores are compared at a stated recall.
 
 Embedding 100k chunks on a 2-core CPU takes about an hour, so the N stored vectors are made from real MiniLM
 embeddings of a few thousand generated chunks, each reused with Gaussian noise and re-normalized (distinct
@@ -112,20 +116,33 @@ def write_corpus(root: Path, n_docs: int, rng: random.Random) -> None:
         (root / f"manual-{d:05d}.md").write_text("".join(parts))
 
 
-def bench_indexing(emb: Embedder, n_docs: int, workdir: Path, rng: random.Random) -> tuple[dict, list[str]]:
+def bench_indexing(
+    emb: Embedder, n_docs: int, workdir: Path, rng: random.Random, milvus: bool
+) -> tuple[list[dict], list[str]]:
     corpus = workdir / "corpus"
     write_corpus(corpus, n_docs, rng)
-    index = Index.build([corpus], workdir / "index", embedder=emb, progress=False)
-    st = index.build_stats
-    texts = [r[0] for r in index._store().db.execute("SELECT heading || char(10) || text FROM chunks")]
-    row = {
-        "stage": "index (end to end)",
-        "chunks": st.chunks_embedded,
-        "chunks/s": st.chunks_per_second,
-        "embedding chunks/s": st.chunks_embedded / st.embed_seconds,
-        "embedding share": st.embed_seconds / st.seconds,
-    }
-    return row, texts
+    rows, texts = [], []
+    stores = [("builtin", None)] + ([("milvus lite", f"milvus:{workdir / 'index.db'}")] if milvus else [])
+    for name, store in stores:
+        index = Index.build(
+            [corpus], workdir / f"index-{name.split()[0]}", embedder=emb, store=store, progress=False
+        )
+        st = index.build_stats
+        if not texts:
+            texts = [
+                r[0] for r in index._store().db.execute("SELECT heading || char(10) || text FROM chunks")
+            ]
+        rows.append(
+            {
+                "stage": f"index (end to end), {name}",
+                "chunks": st.chunks_embedded,
+                "chunks/s": st.chunks_per_second,
+                "embedding chunks/s": st.chunks_embedded / st.embed_seconds,
+                "embedding share": st.embed_seconds / st.seconds,
+                "store s": st.seconds - st.embed_seconds,
+            }
+        )
+    return rows, texts
 
 
 def synthetic_vectors(seed_vecs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -193,6 +210,7 @@ def bench_scale(
     questions: list[str],
     workdir: Path,
     rng: np.random.Generator,
+    milvus: bool,
 ) -> list[dict]:
     vecs = synthetic_vectors(seed_vecs, n, rng)
     prng = random.Random(n)
@@ -231,18 +249,29 @@ def bench_scale(
             }
         )
         if name == "phi3fast.hnsw":
-            rows.append(_hybrid_row(n, vecs, store, questions, q_vecs, embed_ms, workdir, prng))
+            hnsw_build_s = build_s
+            hybrid_store = store
+    rows.append(_hybrid_row(n, vecs, hybrid_store, hnsw_build_s, questions, q_vecs, embed_ms, workdir, prng))
+    if milvus:
+        rows.append(_milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, random.Random(n)))
     return rows
 
 
-def _hybrid_row(n, vecs, store, questions, q_vecs, embed_ms, workdir, prng) -> dict:  # noqa: ANN001
+def _bench_texts(n: int, prng: random.Random) -> list[tuple[str, str, str]]:
+    """(file, heading, text) of n generated chunks, 20 per file, identical for both stores (same seed)."""
+    return [(f"manual-{i // 20:05d}.md", f"Section {i % 6}", paragraph(prng, 4)) for i in range(n)]
+
+
+def _hybrid_row(n, vecs, store, hnsw_build_s, questions, q_vecs, embed_ms, workdir, prng) -> dict:  # noqa: ANN001
     """The full hybrid path of Index.search over n chunks in SQLite + FTS5 (vectors from `store`)."""
     db = workdir / f"hybrid-{n}.sqlite"
+    t0 = time.perf_counter()
     st = Store(db)
     st.begin()
-    rows = ((f"manual-{i // 20:05d}.md", f"Section {i % 6}", 0, 1, paragraph(prng, 4)) for i in range(n))
+    rows = ((f, h, 0, 1, t) for f, h, t in _bench_texts(n, prng))
     ids = st.add_chunks("bench", rows, vecs)
     st.commit()
+    build_s = time.perf_counter() - t0 + hnsw_build_s
     assert ids[0] == 1 and ids[-1] == n  # chunk id = vector label + 1
     depth = max(4 * 5, 40)
     times = []
@@ -255,7 +284,54 @@ def _hybrid_row(n, vecs, store, questions, q_vecs, embed_ms, workdir, prng) -> d
         times.append(e + (time.perf_counter() - t0) * 1e3)
     st.close()
     p50, p95 = percentiles(times)
-    return {"chunks": n, "store": "phi3fast hybrid (+FTS5, RRF)", "query p50 ms": p50, "query p95 ms": p95}
+    return {
+        "chunks": n,
+        "store": "builtin hybrid (HNSW+FTS5, RRF)",
+        "build vec/s": n / build_s,
+        "query p50 ms": p50,
+        "query p95 ms": p95,
+    }
+
+
+def _milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, prng) -> dict:  # noqa: ANN001
+    """The same hybrid path through the Milvus store (Milvus Lite), on the same vectors, texts and questions:
+    written by MilvusWriter (batched upserts, committed), searched through MilvusBackend as Index.search does."""
+    from phi3fast.rag.backend import Plan
+    from phi3fast.rag.chunking import Chunk
+    from phi3fast.rag.milvus import MilvusBackend, MilvusWriter, parse_store
+
+    out = workdir / f"milvus-{n}"
+    out.mkdir()
+    chunks = [Chunk(f, h, 0, 1, t) for f, h, t in _bench_texts(n, prng)]
+    items = [(c.source, "0" * 64, i, c) for i, c in enumerate(chunks)]
+    t0 = time.perf_counter()
+    writer = MilvusWriter(
+        out, parse_store(f"milvus:{workdir / f'bench-{n}.db'}"), True, vecs.shape[1], False, print
+    )
+    plan = Plan(todo=[("bench", "0" * 64, chunks)])
+    writer.begin(plan, {})
+    for i in range(0, n, 1024):  # as Index.build hands over embedded batches
+        writer.add(items[i : i + 1024], vecs[i : i + 1024])
+    writer.commit(plan, {})
+    writer.cleanup()
+    build_s = time.perf_counter() - t0
+    backend = MilvusBackend.open(writer.cfg, vecs.shape[1], out)
+    depth = max(4 * 5, 40)
+    times = []
+    for q, qv, e in zip(questions, q_vecs, embed_ms, strict=True):
+        t0 = time.perf_counter()
+        reader = backend.view()
+        fused = rrf_fuse(reader.dense(qv, depth), reader.keyword(q, depth), reader.identifier(q, depth))[:5]
+        reader.rows([cid for cid, _ in fused])
+        times.append(e + (time.perf_counter() - t0) * 1e3)
+    p50, p95 = percentiles(times)
+    return {
+        "chunks": n,
+        "store": "milvus lite hybrid (HNSW+BM25, RRF)",
+        "build vec/s": n / build_s,
+        "query p50 ms": p50,
+        "query p95 ms": p95,
+    }
 
 
 def main() -> None:
@@ -264,6 +340,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="comma-separated chunk counts [default: 10000,100000]")
     ap.add_argument("--queries", type=int, default=None, help="questions per size [default: 200]")
     ap.add_argument("--docs", type=int, default=None, help="documents to index end to end [default: 120]")
+    ap.add_argument("--no-milvus", action="store_true", help="skip the Milvus Lite rows")
     args = ap.parse_args()
     sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000")).split(",")]
     n_queries = args.queries or (50 if args.quick else 200)
@@ -273,8 +350,8 @@ def main() -> None:
     emb = Embedder.shared()
     with tempfile.TemporaryDirectory(prefix="phi3fast-bench-rag-") as tmp:
         work = Path(tmp)
-        index_row, texts = bench_indexing(emb, n_docs, work, prng)
-        print_table([index_row], list(index_row))
+        index_rows, texts = bench_indexing(emb, n_docs, work, prng, not args.no_milvus)
+        print_table(index_rows, list(index_rows[0]))
         seed_vecs = emb.encode(texts)
         questions = [
             rng_q
@@ -292,8 +369,8 @@ def main() -> None:
         ]
         rows = []
         for n in sizes:
-            print(f"\n{n} chunks: building three stores ...", flush=True)
-            rows += bench_scale(emb, n, seed_vecs, questions, work, rng)
+            print(f"\n{n} chunks: building the stores ...", flush=True)
+            rows += bench_scale(emb, n, seed_vecs, questions, work, rng, not args.no_milvus)
     cols = [
         "chunks",
         "store",
@@ -319,7 +396,17 @@ def main() -> None:
                 f"{ours['recall@10']:.3f} vs {by[peer]['recall@10']:.3f}"
             )
     name = "rag-quick" if args.quick else "rag"
-    rows_out = [{"kind": "index", **index_row}] + [{"kind": "query", **r} for r in rows]
+    for n in sizes:
+        by = {r["store"]: r for r in rows if r["chunks"] == n}
+        mv, bi = by.get("milvus lite hybrid (HNSW+BM25, RRF)"), by["builtin hybrid (HNSW+FTS5, RRF)"]
+        if mv:
+            print(
+                f"{n} chunks, hybrid query, milvus lite vs builtin: p50 {mv['query p50 ms']:.1f} vs "
+                f"{bi['query p50 ms']:.1f} ms ({mv['query p50 ms'] / bi['query p50 ms']:.2f}x), p95 "
+                f"{mv['query p95 ms']:.1f} vs {bi['query p95 ms']:.1f} ms; store build {mv['build vec/s']:.0f} vs "
+                f"{bi['build vec/s']:.0f} chunks/s"
+            )
+    rows_out = [{"kind": "index", **r} for r in index_rows] + [{"kind": "query", **r} for r in rows]
     print(f"wrote {write_rows(name, rows_out)}")
 
 

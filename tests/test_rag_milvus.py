@@ -350,6 +350,10 @@ def test_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     pymilvus.MilvusClient(str(tmp_path / "rag.db")).drop_collection(manifest["store"]["collection"])
     result = CliRunner().invoke(main, ["query", "QX-1", "--index", "idx"])
     assert result.exit_code == 2 and "is not in milvus:" in result.stderr, result.stderr
+    result = CliRunner().invoke(main, ["index", "docs", "--out", "idx"])  # the collection is the truth: re-add
+    assert result.exit_code == 0 and "(added 1, changed 0, unchanged 0" in result.stdout, result.output
+    result = CliRunner().invoke(main, ["query", "QX-1", "--index", "idx", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["results"][0]["source"] == "a.md"
 
 
 def test_trust_remote_code_recorded_and_passed(tmp_path: Path) -> None:

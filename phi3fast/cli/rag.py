@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @click.option(
     "--embedder",
     default=None,
-    help="sentence-transformers name or folder (default: the bundled all-MiniLM-L6-v2, or the index's own).",
+    help="sentence-transformers name or folder, or openai:MODEL (default: the bundled all-MiniLM-L6-v2, or "
+    "the index's own).",
 )
 @click.option("--chunk-tokens", type=int, default=None, help="Max embedder tokens per chunk [default: 256].")
 @click.option("--overlap", type=int, default=None, help="Tokens shared by consecutive chunks [default: 32].")

@@ -242,6 +242,8 @@ class Index:
         out = []
         for cid, score in ranked:
             row = rows.get(cid)
+            if row is None and self.manifest["store"]["kind"] == "milvus":
+                continue  # deleted between the search and the fetch: an update's cleanup just ran
             if row is None:  # a vector whose chunk is gone: the files disagree
                 raise Phi3FastError(f"{self.gen_dir}: vector {cid} has no chunk (corrupt index; rebuild it)")
             out.append(
@@ -386,14 +388,13 @@ class Index:
             )
             if prev is not None and fresh:
                 warn(f"{out}: embedder or chunking changed; re-embedding every file")
-            elif prev is not None:
-                try:  # an update starts from the current index: it must be whole
+            elif prev is not None and store_cfg["kind"] == "builtin":
+                try:  # an update starts from the current generation: it must be whole
                     cls.open(out, embedder=emb, trust_remote_code=trust_remote_code)
                 except Phi3FastError as e:
-                    if store_cfg["kind"] != "builtin":
-                        raise  # a server we cannot reach is not a reason to start over
                     warn(f"{e}; rebuilding the index from scratch")
                     fresh = True
+            # (Milvus: the writer reads which file versions are in from the collection itself, the truth.)
             if store_cfg["kind"] == "builtin":
                 writer: Writer = BuiltinWriter(out, prev, fresh, emb.dim)
             else:
