@@ -372,7 +372,7 @@ def test_model_triton_kv_cache(tiny: Path) -> None:
 # ---- AOT ---------------------------------------------------------------------------------------------------------
 
 # The register-heaviest launches at Phi-3 sizes (`python -m phi3fast.kernels.report` compiles every config).
-AOT_MATCH = r"rms_norm_bwd bf16,dw=1,BLOCK_H=(4096|8192)|rope_qkv bf16,inverse=1|swiglu_bwd bf16"
+AOT_MATCH = r"rms_norm_bwd bf16,dw=1,BLOCK_H=8192|rope_qkv bf16,inverse=1"
 
 
 @pytest.mark.slow
@@ -383,9 +383,9 @@ def test_aot_heaviest_rowwise_configs_do_not_spill() -> None:
     assert proc.stdout.strip(), proc.stderr[-3000:]
     rows = json.loads(proc.stdout)
     assert {(r["kernel"], r["arch"]) for r in rows} == {
-        (k, a) for k in ("rms_norm_bwd", "rope_qkv", "swiglu_bwd") for a in ("sm_80", "sm_90")
+        (k, a) for k in ("rms_norm_bwd", "rope_qkv") for a in ("sm_80", "sm_90")
     }
-    assert len(rows) == 8
+    assert len(rows) == 4
     for r in rows:
         where = f"{r['kernel']} [{r['config']}] {r['arch']}"
         assert r["error"] == "" and r["spill_bytes"] == 0 and 0 < r["regs"] <= 255, where
