@@ -274,16 +274,21 @@ def _hybrid_row(n, vecs, store, hnsw_build_s, questions, q_vecs, embed_ms, workd
     build_s = time.perf_counter() - t0 + hnsw_build_s
     assert ids[0] == 1 and ids[-1] == n  # chunk id = vector label + 1
     depth = max(4 * 5, 40)
-    times = []
-    for q, qv, e in zip(questions, q_vecs, embed_ms, strict=True):
-        t0 = time.perf_counter()
-        labels = store.search(qv, depth)
-        dense = [(int(i) + 1, 0.0) for i in labels]
-        fused = rrf_fuse(dense, st.keyword_search(q, depth), st.identifier_search(q, depth))[:5]
-        st.chunks([cid for cid, _ in fused])
-        times.append(e + (time.perf_counter() - t0) * 1e3)
+
+    def one_pass() -> list[float]:
+        times = []
+        for q, qv, e in zip(questions, q_vecs, embed_ms, strict=True):
+            t0 = time.perf_counter()
+            labels = store.search(qv, depth)
+            dense = [(int(i) + 1, 0.0) for i in labels]
+            fused = rrf_fuse(dense, st.keyword_search(q, depth), st.identifier_search(q, depth))[:5]
+            st.chunks([cid for cid, _ in fused])
+            times.append(e + (time.perf_counter() - t0) * 1e3)
+        return times
+
+    one_pass()  # warm-up, as for Milvus below: the table has the second pass
+    p50, p95 = percentiles(one_pass())
     st.close()
-    p50, p95 = percentiles(times)
     return {
         "chunks": n,
         "store": "builtin hybrid (HNSW+FTS5, RRF)",
@@ -317,14 +322,26 @@ def _milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, prng) -> dict:  #
     build_s = time.perf_counter() - t0
     backend = MilvusBackend.open(writer.cfg, vecs.shape[1], out)
     depth = max(4 * 5, 40)
-    times = []
-    for q, qv, e in zip(questions, q_vecs, embed_ms, strict=True):
-        t0 = time.perf_counter()
-        reader = backend.view()
-        fused = rrf_fuse(reader.dense(qv, depth), reader.keyword(q, depth), reader.identifier(q, depth))[:5]
-        reader.rows([cid for cid, _ in fused])
-        times.append(e + (time.perf_counter() - t0) * 1e3)
-    p50, p95 = percentiles(times)
+
+    def one_pass() -> list[float]:
+        times = []
+        for q, qv, e in zip(questions, q_vecs, embed_ms, strict=True):
+            t0 = time.perf_counter()
+            reader = backend.view()
+            fused = rrf_fuse(reader.dense(qv, depth), reader.keyword(q, depth), reader.identifier(q, depth))[
+                :5
+            ]
+            reader.rows([cid for cid, _ in fused])
+            times.append(e + (time.perf_counter() - t0) * 1e3)
+        return times
+
+    # Milvus Lite compacts the flushed segments and builds their indexes in a background thread after the
+    # build returns; queries meanwhile are slower. The first pass is reported apart, the table has the second.
+    first = one_pass()
+    print(
+        f"{n} chunks, milvus lite: first pass (background compaction running) p50 {percentiles(first)[0]:.1f} ms"
+    )
+    p50, p95 = percentiles(one_pass())
     return {
         "chunks": n,
         "store": "milvus lite hybrid (HNSW+BM25, RRF)",

@@ -207,7 +207,7 @@ def test_failed_batch_is_retried_then_reported(
     calls: list[str] = []
 
     def failing(self, collection_name, data, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if collection_name.endswith("_state"):
+        if collection_name.endswith("_state"):  # the commit: let it through (it is never reached here)
             return real_upsert(self, collection_name, data, *a, **k)
         calls.append(collection_name)
         raise pymilvus.MilvusException(code=2, message="server unavailable")
@@ -230,12 +230,16 @@ def test_failed_batch_is_retried_then_reported(
     def flaky(self, collection_name, data, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
         calls.append(collection_name)
         if len(calls) <= mv.RETRIES + 2 and not collection_name.endswith("_state"):
+            if len(calls) == mv.RETRIES + 1:  # the first attempt stored half the batch, then failed
+                real_upsert(self, collection_name, data[: len(data) // 2], *a, **k)
             raise pymilvus.MilvusException(code=2, message="server unavailable")
         return real_upsert(self, collection_name, data, *a, **k)
 
     monkeypatch.setattr(pymilvus.MilvusClient, "upsert", flaky)
     after = Index.build([src], out, **kw)
     assert after.build_stats.files_changed == 1 and "retired" in after.search("E-042", k=1)[0].text
+    ids = [r["id"] for r in _rows(after, "id >= 0", ["id"])]
+    assert len(ids) == len(set(ids)) == len(after)  # the half-stored attempt left no doubled id
     # CLI: the same failure is one line, exit 2
     (src / "manuals" / "extra.md").write_text("# Extra\n\nPart QZ-2 fits.\n")
     monkeypatch.setattr(pymilvus.MilvusClient, "upsert", failing)
@@ -350,7 +354,9 @@ def test_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     pymilvus.MilvusClient(str(tmp_path / "rag.db")).drop_collection(manifest["store"]["collection"])
     result = CliRunner().invoke(main, ["query", "QX-1", "--index", "idx"])
     assert result.exit_code == 2 and "is not in milvus:" in result.stderr, result.stderr
-    result = CliRunner().invoke(main, ["index", "docs", "--out", "idx"])  # the collection is the truth: re-add
+    result = CliRunner().invoke(
+        main, ["index", "docs", "--out", "idx"]
+    )  # the collection is the truth: re-add
     assert result.exit_code == 0 and "(added 1, changed 0, unchanged 0" in result.stdout, result.output
     result = CliRunner().invoke(main, ["query", "QX-1", "--index", "idx", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["results"][0]["source"] == "a.md"

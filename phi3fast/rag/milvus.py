@@ -22,7 +22,7 @@ Milvus has no multi-row transactions, so a build never edits visible rows in pla
 Between 2 and 3 a changed file shows both its old and its new chunks for a moment: never half of either.
 A failed or interrupted run leaves rows with added > E that nobody sees; the next run deletes them first (and
 old versions a crash left between 2 and 3: per file, only the newest version is kept).
-Chunk ids are a hash of (file, sha256, epoch, ordinal), so a retried upsert of a batch is idempotent.
+Chunk ids are a hash of (file, sha256, epoch, ordinal), so a retried batch is idempotent.
 
 Keyword search differs from the built-in store's FTS5 in details only: Milvus's standard analyzer (lowercase
 words, no stemming) over the chunk text; the same stopwords are dropped from the question first. Exact
@@ -101,7 +101,7 @@ def collection_name(out: Path) -> str:
 
 def chunk_id(file: str, sha256: str, epoch: int, ordinal: int) -> int:
     """Deterministic 63-bit id: a retried upsert of a batch overwrites, never duplicates. The epoch is in it so
-    a build never overwrites a visible row (re-chunking an unchanged file gives it new ids, not old ones)."""
+    a build never overwrites a visible row (re-chunking an unchanged file gives new ids)."""
     h = hashlib.blake2b(f"{file}\0{sha256}\0{epoch}\0{ordinal}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") & ((1 << 63) - 1)
 
@@ -416,6 +416,11 @@ class MilvusWriter:
                 time.sleep(BACKOFF_S * 2**attempt)
         raise AssertionError("unreachable")
 
+    def _upsert(self, rows: list[dict]) -> None:
+        """Write a batch, with retries. Upsert: a retry after an attempt that stored part of the batch (and then
+        failed) rewrites the same ids, never doubles them."""
+        self._retry(lambda: self.client.upsert(self.name, rows), [r["file"] for r in rows])
+
     # -- the Writer interface --
     def file_hashes(self) -> dict[str, str]:
         return {} if self.fresh else {f: sha for f, (sha, _, _) in self.current.items()}
@@ -454,7 +459,7 @@ class MilvusWriter:
                         "vector": np.asarray(v, np.float32).tolist(),
                     }
                 )
-            self._retry(lambda rows=rows: self.client.upsert(self.name, rows), [r["file"] for r in rows])
+            self._upsert(rows)
             if self.bar is not None:
                 self.bar.update(len(rows))
 
@@ -470,6 +475,9 @@ class MilvusWriter:
         fields = {"generation": "milvus", "store": self.cfg, "chunks": total, "sizes": {}}
         if not plan.todo and not gone and not self.stale and not self.fresh:
             return fields, False
+        # Seal what this run wrote, once per build (as Milvus advises after a bulk load): Milvus builds the HNSW
+        # and BM25 indexes of sealed segments, while growing ones are searched by scanning.
+        self._retry(lambda: self.client.flush(self.name), [])
         row = {"id": 0, "epoch": self.epoch + 1, "chunks": total, "vector": [1.0, 0.0]}
         self._retry(lambda: self.client.upsert(self.state, [row]), [])  # the one write that switches readers
         self.committed = True
