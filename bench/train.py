@@ -1,6 +1,8 @@
-"""Training throughput and peak memory: `phi3fast train` against a transformers + PEFT + bitsandbytes QLoRA loop.
+"""Training throughput and peak memory: `phi3fast train` against a transformers + PEFT + bitsandbytes QLoRA loop,
+with and without the fused kernels, and the peak-RSS saving of the chunked cross-entropy.
 
     python bench/train.py [--hidden 512 --layers 4 --vocab 32064 --batch 4 --seq-len 512 --rank 16 --steps 4]
+                          [--kernels triton,torch] [--section steps|loss-rss|all]
 
 Both sides train the same random Phi-3 checkpoint (written by phi3fast.tiny.init_tiny) on the same 4 x 512 token
 rows with rank-16 LoRA on qkv_proj, o_proj, gate_up_proj and down_proj (alpha 32, dropout 0.05), AdamW, no
@@ -8,11 +10,25 @@ gradient checkpointing. Each configuration runs in its own subprocess, so the pe
 included) is that side's alone. tokens/s is the median over the timed steps after warm-up. The peer runs in bf16
 and fp32 compute and its fastest is the reference for the ratios; --quantize nf4 vs none gives QLoRA's cost over
 LoRA on each side.
+
+--kernels: phi3fast runs once per backend of the fused row-wise kernels (RMSNorm, RoPE, SwiGLU, cross-entropy;
+`phi3fast train --kernels`). 'triton' needs CUDA: on a CPU its row says so instead of timing Triton's interpreter.
+
+Section loss-rss (CPU or CUDA): peak RSS of QLoRA training steps at one row of --rss-seq 2048 tokens on a model
+with Phi-3's vocabulary (32064) and hidden size (3072) but --rss-layers 1 decoder layer, checkpoint stored in bf16
+as Phi-3's is, with the loss computed two ways, each in a fresh process: phi3fast's chunked cross-entropy vs the
+plain full-logits loss (lm_head over all positions, the [T, 32064] logits upcast to fp32, F.cross_entropy: what
+transformers' causal-LM loss does). step_peak_rss is the peak RSS of the training steps: once the model is
+loaded, the process's high-water mark VmHWM is reset (Linux /proc/self/clear_refs 5) and read after the steps, so
+the loader's transient (load_peak, above a chunked-loss step here) does not mask them; step_over_model = that peak
+minus the RSS just before the first step. process_maxrss is ru_maxrss of the whole process (load included).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import random
@@ -51,6 +67,118 @@ def make_data(model_dir: Path, path: Path, rows: int, seq_len: int) -> None:
             f.write(json.dumps({"text": text}) + "\n")
 
 
+def vm_hwm() -> int:
+    """The address space's peak RSS (VmHWM), which /proc/self/clear_refs can reset, unlike ru_maxrss."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker_loss_rss(a: argparse.Namespace) -> dict:
+    """QLoRA steps on one row of a.seq_len tokens with the chunked or the full-logits loss; peak RSS and step time."""
+    import torch
+    import torch.nn.functional as F
+
+    from phi3fast import config, lora
+    from phi3fast.loss import chunked_cross_entropy
+    from phi3fast.model import load
+    from phi3fast.train import resolve_dtype
+
+    # The loader accepts registry variants (32 layers at hidden 3072) or tiny test models (hidden <= 1024); this
+    # one-layer slice of Phi-3-mini is neither, so this process alone raises the tiny limit to load it.
+    config.TINY_MAX_HIDDEN = max(config.TINY_MAX_HIDDEN, a.hidden)
+    dtype = resolve_dtype(a.dtype, torch.device("cpu"))
+    model = load(a.model, dtype=dtype, quantize="nf4")
+    lora.apply_lora(model, lora.LoraConfig(r=a.rank, alpha=2 * a.rank, dropout=0.05))
+    model.train()
+    params = lora.lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    vocab = model.lm_head.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, a.seq_len), generator=g)
+    labels = torch.cat([ids[0, 1:], torch.tensor([-100])])  # next-token targets; the last position has none
+    load_peak = peak_rss()
+    # The loader's transient (checkpoint read + NF4 quantization) peaks above a chunked-loss step, so ru_maxrss
+    # (which Linux never lowers once a thread has exited) would hide the step. Return freed heap to the OS, then
+    # reset the address space's high-water mark VmHWM (/proc/self/clear_refs 5): VmHWM at the end is the peak of
+    # the training steps themselves, with the model, adapters and optimizer resident.
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = current_rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    if vm_hwm() >= load_peak:
+        raise RuntimeError("VmHWM did not reset: cannot separate the step's peak from the load's")
+    times, losses = [], []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        hidden = model.hidden_states(ids).reshape(a.seq_len, -1)
+        if a.loss == "chunked":
+            loss = chunked_cross_entropy(hidden, model.lm_head.weight, labels, reduction="mean")
+        else:
+            loss = F.cross_entropy(model.lm_head(hidden).float(), labels, ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    return {"load_peak_bytes": load_peak, "rss_before_step_bytes": before, "step_peak_bytes": vm_hwm(),
+            "step_s": statistics.median(times),
+            "loss_first": losses[0], "dtype": str(dtype)[6:]}  # fmt: skip
+
+
+def loss_rss_section(a: argparse.Namespace, tmp: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from phi3fast.tiny import init_tiny
+
+    print(f"loss-rss: writing a Phi-3-vocab checkpoint (hidden {a.rss_hidden}, {a.rss_layers} layer(s))",
+          file=sys.stderr, flush=True)  # fmt: skip
+    model = init_tiny(tmp / "rss-model", hidden=a.rss_hidden, layers=a.rss_layers, heads=a.rss_heads,
+                      intermediate=a.rss_intermediate, vocab=a.vocab)  # fmt: skip
+    weights = model / "model.safetensors"
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights
+    )  # bf16, as Phi-3 ships
+    rows = []
+    for loss in ("chunked", "full"):
+        cmd = [sys.executable, __file__, "--worker", "loss-rss", "--loss", loss, "--model", str(model),
+               "--seq-len", str(a.rss_seq), "--rank", str(a.rank), "--steps", str(a.rss_steps),
+               "--dtype", a.rss_dtype, "--hidden", str(a.rss_hidden)]  # fmt: skip
+        print(f"running loss={loss} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            rows.append({"loss": loss, "error": proc.stderr.strip().splitlines()[-1]})
+            continue
+        rows.append({"loss": loss, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    for r in rows:
+        if "error" in r:
+            continue
+        r["step_peak_rss_MB"] = r["step_peak_bytes"] / 2**20
+        r["process_maxrss_MB"] = r["peak_rss_bytes"] / 2**20
+        r["load_peak_MB"] = r["load_peak_bytes"] / 2**20
+        r["step_over_model_MB"] = (r["step_peak_bytes"] - r["rss_before_step_bytes"]) / 2**20
+        r.update(vocab=a.vocab, hidden=a.rss_hidden, layers=a.rss_layers, seq_len=a.rss_seq, rank=a.rank)
+    ok = {r["loss"]: r for r in rows if "error" not in r}
+    if len(ok) == 2:
+        saved = ok["full"]["step_peak_bytes"] - ok["chunked"]["step_peak_bytes"]
+        ok["chunked"]["rss_saved_MB"] = saved / 2**20
+        ok["chunked"]["x_step_peak"] = ok["chunked"]["step_peak_bytes"] / ok["full"]["step_peak_bytes"]
+    print(
+        f"\nQLoRA step peak RSS, chunked vs full-logits loss: vocab {a.vocab}, hidden {a.rss_hidden}, "
+        f"{a.rss_layers} layer(s), 1 x {a.rss_seq} tokens, rank {a.rank}, {a.rss_steps} steps per process"
+    )
+    print_table(rows, ["loss", "dtype", "step_peak_rss_MB", "step_over_model_MB", "rss_saved_MB", "x_step_peak",
+                       "process_maxrss_MB", "load_peak_MB", "step_s", "loss_first", "error"])  # fmt: skip
+    print(f"wrote {write_rows('train-loss-rss', rows)}")
+
+
 def worker_phi3fast(a: argparse.Namespace) -> dict:
     from phi3fast.train import TrainConfig, train
 
@@ -63,7 +191,8 @@ def worker_phi3fast(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         cfg = TrainConfig(model=a.model, data=a.data, out=out, max_steps=a.warmup + a.steps, batch_size=a.batch,
                           seq_len=a.seq_len, rank=a.rank, alpha=2 * a.rank, dropout=0.05, save_every=0,
-                          quantize=a.quantize, dtype=a.dtype, progress=False, warmup=0)  # fmt: skip
+                          quantize=a.quantize, dtype=a.dtype, progress=False, warmup=0,
+                          kernels=a.kernels)  # fmt: skip
         train(cfg, on_step=mark)
         total = time.perf_counter() - t0
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -123,22 +252,20 @@ def worker_peft(a: argparse.Namespace) -> dict:
     }
 
 
-def run_side(a: argparse.Namespace, impl: str, quantize: str, dtype: str) -> dict:
+def run_side(a: argparse.Namespace, impl: str, quantize: str, dtype: str, kernels: str = "") -> dict:
+    side = {"impl": impl, "quantize": quantize, "dtype": dtype, "kernels": kernels}
     cmd = [sys.executable, __file__, "--worker", impl, "--quantize", quantize, "--dtype", dtype,
            "--model", a.model, "--data", a.data, "--batch", str(a.batch), "--seq-len", str(a.seq_len),
            "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]  # fmt: skip
-    print(f"running {impl} quantize={quantize} dtype={dtype} ...", file=sys.stderr, flush=True)
+    if kernels:
+        cmd += ["--kernels", kernels]
+    print(f"running {impl} quantize={quantize} dtype={dtype} {kernels} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
-        return {
-            "impl": impl,
-            "quantize": quantize,
-            "dtype": dtype,
-            "error": proc.stderr.strip().splitlines()[-1],
-        }
+        return {**side, "error": proc.stderr.strip().splitlines()[-1]}
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"impl": impl, "quantize": quantize, "dtype": dtype, **res}
+    return {**side, **res}
 
 
 def main() -> None:
@@ -157,8 +284,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
     ap.add_argument("--phi3fast-dtypes", default="bf16,fp32")
     ap.add_argument("--peer-dtypes", default="bf16,fp32")
+    ap.add_argument(
+        "--kernels", default="triton,torch", help="phi3fast fused-kernel backends to run (triton: CUDA)"
+    )
+    ap.add_argument("--section", choices=["steps", "loss-rss", "all"], default="all")
+    ap.add_argument("--rss-hidden", type=int, default=3072, help="loss-rss: Phi-3-mini's hidden size")
+    ap.add_argument("--rss-layers", type=int, default=1)
+    ap.add_argument("--rss-heads", type=int, default=32)
+    ap.add_argument("--rss-intermediate", type=int, default=8192)
+    ap.add_argument("--rss-seq", type=int, default=2048)
+    ap.add_argument("--rss-steps", type=int, default=2)
+    ap.add_argument("--rss-dtype", default="auto")
     # Worker mode (internal): one side, one configuration, result as JSON on stdout.
-    ap.add_argument("--worker", choices=["phi3fast", "peft"])
+    ap.add_argument("--worker", choices=["phi3fast", "peft", "loss-rss"])
+    ap.add_argument("--loss", choices=["chunked", "full"], default="chunked")
     ap.add_argument("--quantize", default="nf4")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--model")
@@ -166,25 +305,45 @@ def main() -> None:
     a = ap.parse_args()
 
     if a.worker:
-        res = worker_phi3fast(a) if a.worker == "phi3fast" else worker_peft(a)
+        workers = {"phi3fast": worker_phi3fast, "peft": worker_peft, "loss-rss": worker_loss_rss}
+        res = workers[a.worker](a)
         res["peak_rss_bytes"] = peak_rss()
         print(json.dumps(res))
         return
 
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.section in ("steps", "all"):
+            steps_section(a, Path(tmp))
+        if a.section in ("loss-rss", "all"):
+            loss_rss_section(a, Path(tmp))
+
+
+def steps_section(a: argparse.Namespace, tmp: Path) -> None:
+    import torch
+
     from phi3fast.tiny import init_tiny
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = init_tiny(Path(tmp) / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
-                          intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
-        data = Path(tmp) / "rows.jsonl"
-        make_data(model, data, a.batch * (a.steps + a.warmup), a.seq_len)
-        a.model, a.data = str(model), str(data)
-        rows = []
-        for q in ("nf4", "none"):
-            for d in a.phi3fast_dtypes.split(","):
-                rows.append(run_side(a, "phi3fast", q, d))
-            for d in a.peer_dtypes.split(","):
-                rows.append(run_side(a, "peft", q, d))
+    backends = [k.strip() for k in a.kernels.split(",") if k.strip()]
+    rows = []
+    if not torch.cuda.is_available() and "triton" in backends:
+        # On a CPU the Triton kernels only run in the interpreter, whose speed says nothing about theirs.
+        backends.remove("triton")
+        rows.append({"impl": "phi3fast", "kernels": "triton", "error": "needs CUDA: not timed on a CPU"})
+        print(
+            "phi3fast --kernels triton: needs CUDA; on this CPU only --kernels torch is timed",
+            file=sys.stderr,
+        )
+    model = init_tiny(tmp / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
+                      intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
+    data = tmp / "rows.jsonl"
+    make_data(model, data, a.batch * (a.steps + a.warmup), a.seq_len)
+    a.model, a.data = str(model), str(data)
+    for q in ("nf4", "none"):
+        for d in a.phi3fast_dtypes.split(","):
+            for k in backends:
+                rows.append(run_side(a, "phi3fast", q, d, k))
+        for d in a.peer_dtypes.split(","):
+            rows.append(run_side(a, "peft", q, d))
 
     ok = [r for r in rows if "error" not in r]
     for q in ("nf4", "none"):
@@ -198,12 +357,15 @@ def main() -> None:
                 r["x_tok_cpu_s"] = r["tokens_per_cpu_s"] / best["tokens_per_cpu_s"]
                 r["x_rss"] = r["peak_rss_bytes"] / best["peak_rss_bytes"]
                 r["peer"] = f"peft/{best['dtype']}"
-    for r in ok:  # QLoRA's cost over LoRA on the same side and dtype
-        lora = [
-            x for x in ok if x["impl"] == r["impl"] and x["dtype"] == r["dtype"] and x["quantize"] == "none"
-        ]
+    same = lambda x, r: x["impl"] == r["impl"] and x["dtype"] == r["dtype"]  # noqa: E731
+    for r in ok:
+        # QLoRA's cost over LoRA, and the fused kernels' gain over the torch ones, on the same side and dtype.
+        lora = [x for x in ok if same(x, r) and x["kernels"] == r["kernels"] and x["quantize"] == "none"]
         if r["quantize"] == "nf4" and lora:
             r["nf4_vs_none_tok_s"] = r["tokens_per_s"] / lora[0]["tokens_per_s"]
+        plain = [x for x in ok if same(x, r) and x["quantize"] == r["quantize"] and x["kernels"] == "torch"]
+        if r["kernels"] == "triton" and plain:
+            r["triton_vs_torch_tok_s"] = r["tokens_per_s"] / plain[0]["tokens_per_s"]
         r["peak_rss_MB"] = r["peak_rss_bytes"] / 2**20
     shape = dict(
         vocab=a.vocab, hidden=a.hidden, layers=a.layers, batch=a.batch, seq_len=a.seq_len, rank=a.rank
@@ -216,8 +378,8 @@ def main() -> None:
     )
     print_table(
         rows,
-        ["impl", "quantize", "dtype", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_MB", "x_tok_s", "x_tok_cpu_s",
-         "x_rss", "peer", "nf4_vs_none_tok_s", "error"],
+        ["impl", "quantize", "dtype", "kernels", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_MB", "x_tok_s",
+         "x_tok_cpu_s", "x_rss", "peer", "nf4_vs_none_tok_s", "triton_vs_torch_tok_s", "error"],
     )  # fmt: skip
     print(f"wrote {write_rows('train', rows)}")
 
