@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import one_thread  # noqa: F401  (autouse: one intra-op thread, as in test_train.py)
 
 from phi3fast.errors import Phi3FastError
 from phi3fast.train import TrainConfig, train
@@ -56,15 +57,6 @@ def counted(monkeypatch) -> dict[str, int]:
 
         monkeypatch.setattr(module, name, spy)
     return calls
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids oversubscribing the 2 cores other test files share."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_triton_kernels_train_like_the_reference(tiny, tmp_path, monkeypatch):
