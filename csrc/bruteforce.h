@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fileio.h"
+#include "filter.h"
 #include "parallel.h"
 #include "vector_space.h"
 
@@ -64,8 +65,26 @@ class BruteForceIndex {
     data_.resize(labels_.size() * vs_.dim);
   }
 
-  // k best (ascending) among labels the filter allows; returns how many were found.
-  size_t search(const float* q, size_t k, const std::function<bool(uint64_t)>* allow, std::vector<std::pair<float, size_t>>& heap,
+  // Allowed set (filter.h) over positions, from labels or from a boolean mask indexed by label.
+  Filter filter_from_labels(const uint64_t* ids, size_t n) const {
+    std::shared_lock<std::shared_mutex> g(mu_);
+    Filter f = Filter::bitset(max_elements_);
+    for (size_t i = 0; i < n; ++i) {
+      auto it = map_.find(ids[i]);
+      if (it != map_.end()) f.set(it->second);
+    }
+    return f;
+  }
+  Filter filter_from_mask(const bool* mask, size_t len) const {
+    std::shared_lock<std::shared_mutex> g(mu_);
+    Filter f = Filter::bitset(max_elements_);
+    for (size_t i = 0; i < labels_.size(); ++i)
+      if (labels_[i] < len && mask[labels_[i]]) f.set(i);
+    return f;
+  }
+
+  // k best (ascending) among the entries the filter allows; returns how many were found.
+  size_t search(const float* q, size_t k, const Filter* filt, std::vector<std::pair<float, size_t>>& heap,
                 uint64_t* out_labels, float* out_dists) const {
     std::shared_lock<std::shared_mutex> g(mu_);
     heap.clear();
@@ -73,7 +92,7 @@ class BruteForceIndex {
     const Query qq = vs_.prepare(q);
     const size_t n = labels_.size();
     for (size_t i = 0; i < n; ++i) {
-      if (allow && !(*allow)(labels_[i])) continue;
+      if (filt && !filt->allows(i, labels_[i])) continue;
       push_topk(heap, k, std::pair<float, size_t>(vs_.dist(qq, reinterpret_cast<const uint8_t*>(&data_[i * vs_.dim])), i));
     }
     std::sort_heap(heap.begin(), heap.end());

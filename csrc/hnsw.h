@@ -33,20 +33,12 @@
 #include <vector>
 
 #include "fileio.h"
+#include "filter.h"
 #include "memory.h"
 #include "parallel.h"
 #include "vector_space.h"
 
 namespace phi3fast {
-
-// Which labels a search may return: a bitset over internal ids (from a numpy id array or mask, checked
-// without Python), or a callable on the label (hnswlib's filter, evaluated lazily per candidate).
-struct Filter {
-  std::vector<uint64_t> bits;
-  size_t allowed = 0;
-  std::function<bool(uint64_t)> fn;
-  bool has_bits() const { return !bits.empty(); }
-};
 
 constexpr int kMaxLevel = 64;  // levels are ~ -ln(U)/ln(M): 64 is unreachable for M >= 2 in practice
 
@@ -150,72 +142,14 @@ class HnswIndex {
     return fresh.size() > vacant ? fresh.size() - vacant : 0;
   }
 
-  // ---- search ----
-
+  // ---- search (defined in hnsw_search.h) ----
   // Writes up to k nearest (ascending distance) into labels/dists; returns how many were found.
   size_t search(const float* qv, size_t k, size_t ef, const Filter* filt, SearchScratch& s, uint64_t* labels,
-                float* dists) const {
-    std::shared_lock<std::shared_mutex> sl(struct_mu_);
-    if (k == 0) return 0;
-    const uint64_t entry = entry_.load(std::memory_order_acquire);
-    if (entry == 0) return 0;
-    const Query q = vs_.prepare(qv);
-    const size_t n = count();
-    if (filt && filt->has_bits()) {
-      if (filt->allowed == 0) return 0;
-      // Low selectivity: a graph walk would visit most nodes to find k allowed ones (and hnswlib's recall
-      // collapses there); scanning the allowed set exactly costs `allowed` distances and is always right.
-      if (filt->allowed * 20 < n || filt->allowed <= 32 * std::max(ef, k)) return exact(q, k, filt, s, labels, dists);
-    }
-    const int top_level = static_cast<int>(entry >> 32) - 1;
-    if (!filt && num_deleted_.load(std::memory_order_relaxed) == 0) {
-      // The common case: one distance kernel resolved per query, a sorted beam instead of two heaps.
-      return vs_.with_distance(q, [&](const auto& dist) {
-        const uint32_t ep = greedy(dist, static_cast<uint32_t>(entry), top_level);
-        search_beam(dist, ep, std::max(ef, k), s);
-        const size_t found = std::min(k, s.beam.size());
-        for (size_t i = 0; i < found; ++i) {
-          labels[i] = get_label(s.beam[i].id);
-          dists[i] = s.beam[i].dist;
-        }
-        return found;
-      });
-    }
-    const uint32_t cur = greedy([&](const uint8_t* p) { return vs_.dist(q, p); }, static_cast<uint32_t>(entry), top_level);
-    search_level0(q, cur, std::max(ef, k), filt, s);
-    auto& top = s.top;
-    std::sort_heap(top.begin(), top.end());
-    const size_t found = std::min(k, top.size());
-    for (size_t i = 0; i < found; ++i) {
-      labels[i] = get_label(top[i].second);
-      dists[i] = top[i].first;
-    }
-    if (found < k && filt) return exact(q, k, filt, s, labels, dists);  // the walk ran out: scan exactly
-    return found;
-  }
+                float* dists) const;
 
-  // ---- deletion ----
-  void mark_deleted(uint64_t label) {
-    std::shared_lock<std::shared_mutex> sl(struct_mu_);
-    std::lock_guard<std::mutex> ll(label_locks_[label_hash(label)]);
-    uint32_t id;
-    if (!lookup(label, &id)) throw std::runtime_error("Label not found");
-    if (is_deleted(id)) throw std::runtime_error("The requested to delete element is already deleted");
-    flags(id)[0] |= 1;
-    num_deleted_.fetch_add(1);
-    if (allow_replace_) {
-      std::lock_guard<std::mutex> g(deleted_mu_);
-      deleted_ids_.insert(id);
-    }
-  }
-  void unmark_deleted(uint64_t label) {
-    std::shared_lock<std::shared_mutex> sl(struct_mu_);
-    std::lock_guard<std::mutex> ll(label_locks_[label_hash(label)]);
-    uint32_t id;
-    if (!lookup(label, &id)) throw std::runtime_error("Label not found");
-    if (!is_deleted(id)) throw std::runtime_error("The requested to undelete element is not deleted");
-    unmark_internal(id);
-  }
+  // ---- deletion (defined in hnsw_repair.h) ----
+  void mark_deleted(uint64_t label);
+  void unmark_deleted(uint64_t label);
 
   // ---- items ----
   // Decoded vector of a live label (lossy for compact storage); throws "Label not found" otherwise.
@@ -233,30 +167,9 @@ class HnswIndex {
     return out;
   }
 
-  // Allowed set from labels (numpy id array) or from a boolean mask indexed by label.
-  Filter filter_from_labels(const uint64_t* ids, size_t n) const {
-    std::shared_lock<std::shared_mutex> sl(struct_mu_);
-    Filter f;
-    f.bits.assign((max_elements_ + 63) / 64 + 1, 0);
-    std::lock_guard<std::mutex> g(label_mu_);
-    for (size_t i = 0; i < n; ++i) {
-      auto it = label_map_.find(ids[i]);
-      if (it != label_map_.end()) set_bit(f, it->second);
-    }
-    return f;
-  }
-  Filter filter_from_mask(const bool* mask, size_t len) const {
-    std::shared_lock<std::shared_mutex> sl(struct_mu_);
-    Filter f;
-    f.bits.assign((max_elements_ + 63) / 64 + 1, 0);
-    const size_t n = count();
-    for (uint32_t id = 0; id < n; ++id) {
-      if (!is_ready(id)) continue;
-      const uint64_t lab = get_label(id);
-      if (lab < len && mask[lab]) set_bit(f, id);
-    }
-    return f;
-  }
+  // Allowed set from labels (numpy id array) or from a boolean mask indexed by label (hnsw_search.h).
+  Filter filter_from_labels(const uint64_t* ids, size_t n) const;
+  Filter filter_from_mask(const bool* mask, size_t len) const;
 
   void resize(size_t new_max) {
     std::unique_lock<std::shared_mutex> ul(struct_mu_);
@@ -351,12 +264,6 @@ class HnswIndex {
   }
   std::mutex& link_lock(uint32_t id) const { return link_locks_[id & (kLinkLocks - 1)]; }
   static size_t label_hash(uint64_t l) { return (l * 0x9E3779B97F4A7C15ull) >> 52; }  // 12 bits
-  static void set_bit(Filter& f, uint32_t id) {
-    uint64_t& w = f.bits[id >> 6];
-    const uint64_t m = uint64_t{1} << (id & 63);
-    if (!(w & m)) { w |= m; ++f.allowed; }
-  }
-  static bool test_bit(const Filter& f, uint32_t id) { return (f.bits[id >> 6] >> (id & 63)) & 1; }
 
   bool lookup(uint64_t label, uint32_t* id) const {
     std::lock_guard<std::mutex> g(label_mu_);
@@ -364,24 +271,6 @@ class HnswIndex {
     if (it == label_map_.end()) return false;
     *id = it->second;
     return true;
-  }
-  bool take_vacant(uint32_t* id) {
-    std::lock_guard<std::mutex> g(deleted_mu_);
-    if (deleted_ids_.empty()) return false;
-    *id = *deleted_ids_.begin();
-    deleted_ids_.erase(deleted_ids_.begin());
-    return true;
-  }
-  void clear_deleted_flag(uint32_t id) {
-    flags(id)[0] &= static_cast<uint8_t>(~1u);
-    num_deleted_.fetch_sub(1);
-  }
-  void unmark_internal(uint32_t id) {
-    clear_deleted_flag(id);
-    if (allow_replace_) {
-      std::lock_guard<std::mutex> g(deleted_mu_);
-      deleted_ids_.erase(id);
-    }
   }
 
   // A stored node as a query (decoded into buf for compact storage).
@@ -429,11 +318,7 @@ class HnswIndex {
     }
   }
 
-  // Its link list will be read when it is expanded, likely soon after it entered the results: load it now.
-  void prefetch_links(uint32_t id) const {
-    const char* lp = reinterpret_cast<const char*>(node(id));
-    for (size_t o = 0; o < links0_bytes_; o += 64) __builtin_prefetch(lp + o, 0, 3);
-  }
+  void prefetch_links(uint32_t id) const;
 
   int random_level() {
     std::lock_guard<std::mutex> g(rng_mu_);
@@ -442,128 +327,18 @@ class HnswIndex {
     return std::min(static_cast<int>(r), kMaxLevel - 1);
   }
 
-  // ---- search (query path: no locks) ----
+  // ---- search (query path: no locks; defined in hnsw_search.h) ----
 
-  // Greedy descent through the upper levels to the node closest to the query on level 1.
   template <class Dist>
-  uint32_t greedy(const Dist& dist, uint32_t cur, int top_level) const {
-    float d = dist(payload(cur));
-    for (int l = top_level; l > 0; --l) {
-      for (bool changed = true; changed;) {
-        changed = false;
-        const uint32_t* ll = links(cur, l);
-        const size_t c = list_count(ll);
-        for (size_t j = 1; j <= c; ++j) {
-          const float dd = dist(payload(ll[j]));
-          if (dd < d) { d = dd; cur = ll[j]; changed = true; }
-        }
-      }
-    }
-    return cur;
-  }
+  uint32_t greedy(const Dist& dist, uint32_t cur, int top_level) const;
 
-  // Level-0 search without filter or deleted nodes: the ef best found so far in one array sorted by distance,
-  // each with an "expanded" mark; always expand the closest unexpanded one. This visits exactly the nodes
-  // hnswlib's two-heap loop visits (a candidate that falls out of its top-ef is never expanded there
-  // either), but an insert is a short memmove in one or two cache lines instead of two heap sifts, and the
-  // next node to expand is found by a scan instead of a heap pop.
   template <class Dist>
-  void search_beam(const Dist& dist, uint32_t ep, size_t ef, SearchScratch& s) const {
-    s.begin(max_elements_);
-    auto& beam = s.beam;
-    beam.resize(ef + 1);  // one spare slot: an insert into a full beam shifts the worst out past the end
-    BeamSlot* b = beam.data();
-    size_t size = 1, cur = 0;
-    b[0] = {dist(payload(ep)), ep, 0};
-    s.visit(ep);
-    s.ids.resize(maxM0_ + 1);
-    while (cur < size) {
-      b[cur].expanded = 1;
-      const uint32_t* ll = links(b[cur].id, 0);
-      size_t first_new = size;
-      visit_fresh(dist, ll + 1, list_count(ll), s.ids.data(), s, [&](uint32_t id, float d) {
-        if (size == ef && !(d < b[size - 1].dist)) return;
-        size_t pos = size;
-        while (pos > 0 && b[pos - 1].dist > d) --pos;  // from the back: most inserts land near the end
-        std::memmove(b + pos + 1, b + pos, (size - pos) * sizeof(BeamSlot));
-        b[pos] = {d, id, 0};
-        if (size < ef) ++size;
-        first_new = std::min(first_new, pos);
-        prefetch_links(id);
-      });
-      cur = first_new <= cur ? first_new : cur + 1;
-      while (cur < size && b[cur].expanded) ++cur;
-    }
-    beam.resize(size);
-  }
+  void search_beam(const Dist& dist, uint32_t ep, size_t ef, SearchScratch& s) const;
 
   // ---- search on level 0 with a filter or deleted nodes (two heaps, hnswlib's loop) ----
-  void search_level0(const Query& q, uint32_t ep, size_t ef, const Filter* filt, SearchScratch& s) const {
-    s.begin(max_elements_);
-    auto& top = s.top;  // max-heap on distance: the current best ef
-    auto& cand = s.cand;  // min-heap via std::greater
-    const bool has_del = num_deleted_.load(std::memory_order_relaxed) > 0;
-    const bool filtering = filt != nullptr;
-    auto ok = [&](uint32_t id) {
-      if (has_del && is_deleted(id)) return false;
-      if (!filtering) return true;
-      return filt->has_bits() ? test_bit(*filt, id) : filt->fn(get_label(id));
-    };
-    float lower = std::numeric_limits<float>::infinity();
-    const float d0 = vs_.dist(q, payload(ep));
-    s.visit(ep);
-    if (ok(ep)) { top.emplace_back(d0, ep); lower = d0; }
-    cand.emplace_back(d0, ep);
-    s.ids.resize(maxM0_ + 1);
-    auto dist = [&](const uint8_t* p) { return vs_.dist(q, p); };
-    while (!cand.empty()) {
-      const Cand c = cand.front();
-      if (c.first > lower && (top.size() >= ef || (!filtering && !has_del))) break;
-      std::pop_heap(cand.begin(), cand.end(), std::greater<Cand>());
-      cand.pop_back();
-      const uint32_t* ll = links(c.second, 0);
-      visit_fresh(dist, ll + 1, list_count(ll), s.ids.data(), s, [&](uint32_t id, float dd) {
-        if (top.size() < ef || dd < lower) {
-          cand.emplace_back(dd, id);
-          std::push_heap(cand.begin(), cand.end(), std::greater<Cand>());
-          if (ok(id)) {
-            top.emplace_back(dd, id);
-            std::push_heap(top.begin(), top.end());
-            if (top.size() > ef) { std::pop_heap(top.begin(), top.end()); top.pop_back(); }
-          }
-          if (!top.empty()) lower = top.front().first;
-        }
-      });
-    }
-  }
+  void search_level0(const Query& q, uint32_t ep, size_t ef, const Filter* filt, SearchScratch& s) const;
 
-  // Exact scan over ready, live, allowed nodes.
-  size_t exact(const Query& q, size_t k, const Filter* filt, SearchScratch& s, uint64_t* labels, float* dists) const {
-    auto& top = s.top;
-    top.clear();
-    const size_t n = count();
-    auto consider = [&](uint32_t id) {
-      if (!is_ready(id) || is_deleted(id)) return;
-      push_topk(top, k, Cand(vs_.dist(q, payload(id)), id));
-    };
-    if (filt && filt->has_bits()) {
-      for (size_t w = 0; w * 64 < n; ++w) {
-        for (uint64_t bits = filt->bits[w]; bits; bits &= bits - 1) {
-          const uint32_t id = static_cast<uint32_t>(w * 64 + __builtin_ctzll(bits));
-          if (id < n) consider(id);
-        }
-      }
-    } else {
-      for (uint32_t id = 0; id < n; ++id)
-        if (!filt || !filt->fn || (is_ready(id) && filt->fn(get_label(id)))) consider(id);
-    }
-    std::sort_heap(top.begin(), top.end());
-    for (size_t i = 0; i < top.size(); ++i) {
-      labels[i] = get_label(top[i].second);
-      dists[i] = top[i].first;
-    }
-    return top.size();
-  }
+  size_t exact(const Query& q, size_t k, const Filter* filt, SearchScratch& s, uint64_t* labels, float* dists) const;
 
   // ---- construction (locks per node while reading/writing links) ----
   uint32_t greedy_locked(const Query& q, uint32_t cur, int from, int to_exclusive) const {
@@ -734,50 +509,16 @@ class HnswIndex {
     if (level > top_level) entry_.store((static_cast<uint64_t>(level + 1) << 32) | id, std::memory_order_release);
   }
 
-  // New vector for an existing node: repair the lists of its old neighbors that pointed to it (they lose a
-  // router), then link it where it now belongs, as a fresh insert at its existing level.
-  void relink(uint32_t id, const float* v, SearchScratch& s) {
-    vs_.encode(v, payload(id));
-    const int level = levels_[id];
-    const uint64_t entry = entry_.load(std::memory_order_acquire);
-    const int top_level = static_cast<int>(entry >> 32) - 1;
-    std::vector<uint32_t> old;
-    std::vector<Cand> pool;
-    for (int l = 0; l <= level; ++l) {
-      {
-        std::lock_guard<std::mutex> g(link_lock(id));
-        const uint32_t* ll = links(id, l);
-        old.assign(ll + 1, ll + 1 + list_count(ll));
-      }
-      const size_t maxc = l == 0 ? maxM0_ : maxM_;
-      for (uint32_t nb : old) {
-        std::lock_guard<std::mutex> g(link_lock(nb));
-        uint32_t* ll = links(nb, l);
-        const size_t c = list_count(ll);
-        if (std::find(ll + 1, ll + 1 + c, id) == ll + 1 + c) continue;
-        const Query qn = node_query(nb, s.buf_a);
-        pool.clear();
-        for (size_t j = 1; j <= c; ++j)
-          if (ll[j] != id) pool.emplace_back(vs_.dist(qn, payload(ll[j])), ll[j]);
-        for (uint32_t o : old)
-          if (o != nb && std::find(ll + 1, ll + 1 + c, o) == ll + 1 + c) pool.emplace_back(vs_.dist(qn, payload(o)), o);
-        select_neighbors(pool, maxc, s.buf_b);
-        for (size_t j = 0; j < pool.size(); ++j) ll[1 + j] = pool[j].second;
-        set_count(ll, pool.size());
-      }
-    }
-    if (count() <= 1 || entry == 0) return;
-    const Query q = vs_.prepare(v);
-    uint32_t cur = greedy_locked(q, static_cast<uint32_t>(entry), top_level, level);
-    for (int l = std::min(level, top_level); l >= 0; --l) {
-      search_build(q, cur, l, s);
-      std::vector<Cand> cands;
-      for (const Cand& c : s.top)
-        if (c.second != id) cands.push_back(c);
-      if (cands.empty()) continue;
-      cur = connect(id, l, cands, true, s);
-    }
-  }
+  // ---- graph repair: a new vector for an existing node, deleted slots (defined in hnsw_repair.h) ----
+  bool take_vacant(uint32_t* id);
+  void clear_deleted_flag(uint32_t id);
+  void unmark_internal(uint32_t id);
+  void relink(uint32_t id, const float* v, SearchScratch& s);
 };
 
 }  // namespace phi3fast
+
+// Out-of-line members, split by concern; they need the class above.
+#include "hnsw_repair.h"
+#include "hnsw_search.h"
+

@@ -128,6 +128,17 @@ inline std::function<bool(uint64_t)> callable_filter(PyObject* fn) {
   };
 }
 
+// The filter argument resolved against index x (HnswIndex or BruteForceIndex) when the query starts: a
+// bitset over x's internal ids for an id array or mask, the callable for hnswlib's filter. Call without the GIL.
+template <class Ix>
+Filter make_filter(const Ix& x, const FilterArg& fa) {
+  Filter f;
+  if (fa.kind == FilterArg::Callable) f.fn = callable_filter(fa.fn);
+  else if (fa.kind == FilterArg::Mask) f = x.filter_from_mask(fa.mask.data(), static_cast<size_t>(fa.mask.size()));
+  else if (fa.kind == FilterArg::Ids) f = x.filter_from_labels(fa.ids.data(), fa.ids.size());
+  return f;
+}
+
 inline int resolve_threads(int requested, int dflt, size_t rows) {
   int t = requested <= 0 ? dflt : requested;
   if (t <= 0) t = static_cast<int>(hardware_threads());
@@ -152,12 +163,41 @@ inline const float* prepared_row(const Rows& rows, size_t i, size_t dim, Space s
   return buf.data();
 }
 
+inline const char* const kShortResult = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small";
+
+// knn_query for both index classes: validates the rows, k and filter, allocates the [rows, k] results, then
+// runs search_row(query, filter or nullptr, labels_out, dists_out) -> found for every row (cosine rows
+// normalized first) on the threads, with the GIL released. A row with fewer than k results raises hnswlib's
+// error.
+template <class Ix, class SearchRow>
+py::tuple knn_query_rows(const Ix& x, Space space, size_t dim, const py::object& data, size_t k, int threads,
+                         int default_threads, const py::object& filter, SearchRow&& search_row) {
+  Rows rows = as_rows(data, dim, "data");
+  if (k > x.count() && rows.rows > 0) throw std::runtime_error(kShortResult);  // before allocating [rows, k]
+  FilterArg fa = parse_filter(filter);
+  py::array_t<uint64_t> labels({rows.rows, k});
+  py::array_t<float> dists({rows.rows, k});
+  uint64_t* lp = labels.mutable_data();
+  float* dp = dists.mutable_data();
+  const int t = resolve_threads(threads, default_threads, rows.rows);
+  {
+    py::gil_scoped_release r;
+    const Filter f = make_filter(x, fa);
+    const Filter* fp = fa.kind == FilterArg::None ? nullptr : &f;
+    std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
+    parallel_for(rows.rows, t, [&](size_t i, size_t w) {
+      const float* v = prepared_row(rows, i, dim, space, bufs[w]);
+      if (search_row(v, fp, lp + i * k, dp + i * k) < k) throw std::runtime_error(kShortResult);
+    });
+  }
+  return py::make_tuple(labels, dists);
+}
+
 inline std::string read_file_nogil(const std::string& path) {
   py::gil_scoped_release r;
   return read_file(path);
 }
 
-inline const char* const kShortResult = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small";
 
 // ----------------------------------------------------------------------------------------------------------
 class PyIndex {
@@ -222,30 +262,11 @@ class PyIndex {
 
   py::tuple knn_query(const py::object& data, size_t k, int threads, const py::object& filter) {
     HnswIndex& x = need();
-    Rows rows = as_rows(data, dim, "data");
-    if (k > x.count() && rows.rows > 0) throw std::runtime_error(kShortResult);  // before allocating [rows, k]
-    FilterArg fa = parse_filter(filter);
-    py::array_t<uint64_t> labels({rows.rows, k});
-    py::array_t<float> dists({rows.rows, k});
-    uint64_t* lp = labels.mutable_data();
-    float* dp = dists.mutable_data();
-    const int t = resolve_threads(threads, num_threads, rows.rows);
-    {
-      py::gil_scoped_release r;
-      Filter f;
-      const Filter* fp = nullptr;
-      if (fa.kind == FilterArg::Callable) f.fn = callable_filter(fa.fn);
-      else if (fa.kind == FilterArg::Mask) f = x.filter_from_mask(fa.mask.data(), static_cast<size_t>(fa.mask.size()));
-      else if (fa.kind == FilterArg::Ids) f = x.filter_from_labels(fa.ids.data(), fa.ids.size());
-      if (fa.kind != FilterArg::None) fp = &f;
-      std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
-      parallel_for(rows.rows, t, [&](size_t i, size_t w) {
-        const float* v = prepared_row(rows, i, dim, space, bufs[w]);
-        ScratchLease s(pool);
-        if (x.search(v, k, ef, fp, *s, lp + i * k, dp + i * k) < k) throw std::runtime_error(kShortResult);
-      });
-    }
-    return py::make_tuple(labels, dists);
+    return knn_query_rows(x, space, dim, data, k, threads, num_threads, filter,
+                          [&](const float* v, const Filter* fp, uint64_t* lab, float* dis) {
+                            ScratchLease s(pool);
+                            return x.search(v, k, ef, fp, *s, lab, dis);
+                          });
   }
 
   py::object get_items(const py::object& ids_in, const std::string& return_type) {
@@ -346,35 +367,11 @@ class PyBFIndex {
   }
   py::tuple knn_query(const py::object& data, size_t k, int threads, const py::object& filter) {
     BruteForceIndex& x = need();
-    Rows rows = as_rows(data, dim, "data");
-    if (k > x.count() && rows.rows > 0) throw std::runtime_error(kShortResult);  // before allocating [rows, k]
-    FilterArg fa = parse_filter(filter);
-    py::array_t<uint64_t> labels({rows.rows, k});
-    py::array_t<float> dists({rows.rows, k});
-    uint64_t* lp = labels.mutable_data();
-    float* dp = dists.mutable_data();
-    const int t = resolve_threads(threads, num_threads, rows.rows);
-    {
-      py::gil_scoped_release r;
-      std::function<bool(uint64_t)> f;
-      std::unordered_set<uint64_t> allowed;
-      const bool* mask = fa.kind == FilterArg::Mask ? fa.mask.data() : nullptr;
-      const uint64_t mask_len = fa.kind == FilterArg::Mask ? static_cast<uint64_t>(fa.mask.size()) : 0;
-      if (fa.kind == FilterArg::Callable) f = callable_filter(fa.fn);
-      else if (fa.kind == FilterArg::Mask) f = [mask, mask_len](uint64_t l) { return l < mask_len && mask[l]; };
-      else if (fa.kind == FilterArg::Ids) {
-        allowed.insert(fa.ids.begin(), fa.ids.end());
-        f = [&allowed](uint64_t l) { return allowed.count(l) > 0; };
-      }
-      const std::function<bool(uint64_t)>* fp = fa.kind == FilterArg::None ? nullptr : &f;
-      std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
-      std::vector<std::vector<std::pair<float, size_t>>> heaps(static_cast<size_t>(t));
-      parallel_for(rows.rows, t, [&](size_t i, size_t w) {
-        const float* v = prepared_row(rows, i, dim, space, bufs[w]);
-        if (x.search(v, k, fp, heaps[w], lp + i * k, dp + i * k) < k) throw std::runtime_error(kShortResult);
-      });
-    }
-    return py::make_tuple(labels, dists);
+    return knn_query_rows(x, space, dim, data, k, threads, num_threads, filter,
+                          [&](const float* v, const Filter* fp, uint64_t* lab, float* dis) {
+                            thread_local std::vector<std::pair<float, size_t>> heap;
+                            return x.search(v, k, fp, heap, lab, dis);
+                          });
   }
   void save_index(const std::string& path) {
     BruteForceIndex& x = need();

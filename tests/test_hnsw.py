@@ -311,6 +311,27 @@ def test_bfindex_matches_hnswlib_bfindex() -> None:
         ours.delete_vector(7)
 
 
+@pytest.mark.parametrize("kind", ["ids", "mask", "callable"])
+def test_bfindex_filters_match_hnswlib_bfindex(kind: str) -> None:
+    data, q = clustered(300, 17), clustered(9, 17, seed=3)
+    ours, theirs = hnsw.BFIndex("l2", 17), hnswlib.BFIndex("l2", 17)
+    for ix in (ours, theirs):
+        ix.init_index(400)
+        ix.add_items(data)
+        ix.delete_vector(150)  # moves the last vector into the hole: the id bitset must follow positions
+        ix.delete_vector(7)
+    allowed = np.arange(0, 300, 3)  # 150 is among them, deleted: it must not come back
+    allowed_set = set(allowed.tolist())
+    mask = np.zeros(300, bool)
+    mask[allowed] = True
+    filt = {"ids": allowed, "mask": mask, "callable": lambda label: label in allowed_set}[kind]
+    l1, d1 = ours.knn_query(q, k=5, filter=filt, num_threads=2)
+    l2, d2 = theirs.knn_query(q, k=5, filter=lambda label: label in allowed_set)
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-5)
+    assert 150 not in l1
+
+
 # ---- filters ----
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
 @pytest.mark.parametrize("kind", ["ids", "mask", "callable"])

@@ -1,0 +1,35 @@
+// Which results a search may return, shared by HnswIndex and BruteForceIndex: a bitset over the index's
+// internal ids (built from a numpy id array or boolean mask, checked without Python), or a callable on the
+// label (hnswlib's filter, evaluated lazily per candidate). The bitset is resolved against the index's
+// contents when the query starts.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace phi3fast {
+
+struct Filter {
+  std::vector<uint64_t> bits;
+  size_t allowed = 0;  // set bits
+  std::function<bool(uint64_t)> fn;
+
+  // An empty bitset with room for internal ids [0, capacity).
+  static Filter bitset(size_t capacity) {
+    Filter f;
+    f.bits.assign(capacity / 64 + 1, 0);
+    return f;
+  }
+  bool has_bits() const { return !bits.empty(); }
+  void set(size_t id) {
+    uint64_t& w = bits[id >> 6];
+    const uint64_t m = uint64_t{1} << (id & 63);
+    if (!(w & m)) { w |= m; ++allowed; }
+  }
+  bool test(size_t id) const { return (bits[id >> 6] >> (id & 63)) & 1; }
+  // Whether the node with internal id `id` and label `label` may be returned.
+  bool allows(size_t id, uint64_t label) const { return has_bits() ? test(id) : fn(label); }
+};
+
+}  // namespace phi3fast
