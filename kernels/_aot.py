@@ -21,3 +21,7 @@ class AotSpec:
     constexprs: dict[str, object] = field(default_factory=dict)  # constexpr name -> value
     num_warps: int = 4
     num_stages: int = 3
+    # Arguments the JIT sees as multiples of 16 at run time (torch's allocations are 16-byte aligned; sizes and
+    # strides that are multiples of 16 at the target shapes): compiled with tt.divisibility=16 as the JIT would
+    # specialize them, so the report shows the vectorized loads the kernel really runs. Empty = no assumption.
+    aligned: tuple[str, ...] = ()

@@ -60,3 +60,9 @@ def num_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 3
+
+
+def aligned_args(signature: dict[str, str], ints: tuple[str, ...]) -> tuple[str, ...]:
+    """AotSpec.aligned: every pointer (torch allocations are 16-byte aligned) and the int arguments that are
+    multiples of 16 at the shape a spec stands for."""
+    return tuple(n for n, t in signature.items() if t.startswith("*") or n in ints)

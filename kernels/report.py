@@ -77,7 +77,8 @@ def compile_spec(spec, arch: str, workdir: Path) -> Row:  # noqa: ANN001
         signature = dict(spec.signature)
         for name in spec.constexprs:
             signature[name] = "constexpr"
-        src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs))
+        attrs = {(spec.kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
+        src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
         compiled = triton.compile(
             src,
             target=GPUTarget("cuda", ARCHES[arch], 32),

@@ -167,7 +167,8 @@ AOT_WIDTHS = (3072, 5120, 130)
 
 
 def aot_specs() -> list[AotSpec]:
-    """Forward and backward (with and without dW) for the GPU activation dtypes at Phi-3's hidden sizes."""
+    """Forward and backward (with and without dW) for the GPU activation dtypes at Phi-3's hidden sizes, with the
+    alignment the JIT specializes at those sizes (16-byte vector loads; none at the odd width 130)."""
     specs = []
     for dname, ptr in _rowwise.DTYPES.items():
         for h in AOT_WIDTHS:
@@ -175,8 +176,10 @@ def aot_specs() -> list[AotSpec]:
             sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "rstd_ptr": "*fp32", "H": "i32",
                    "stride_x": "i32", "stride_y": "i32", "eps": "fp32"}  # fmt: skip
             cfg = f"{dname},BLOCK_H={block},w={warps}"
+            ints = ("H", "stride_x", "stride_y", "stride_dy", "stride_dx") if h % 16 == 0 else ()
+            aligned = _rowwise.aligned_args(sig, ints)
             specs.append(
-                AotSpec(_rms_norm_fwd_kernel, "rms_norm_fwd", cfg, sig, {"BLOCK_H": block}, warps, 1)
+                AotSpec(_rms_norm_fwd_kernel, "rms_norm_fwd", cfg, sig, {"BLOCK_H": block}, warps, 1, aligned)
             )
             for dw in (True, False):
                 sig = {"dy_ptr": ptr, "x_ptr": ptr, "w_ptr": ptr, "rstd_ptr": "*fp32", "dx_ptr": ptr,
@@ -184,5 +187,8 @@ def aot_specs() -> list[AotSpec]:
                        "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32"}  # fmt: skip
                 consts = {"COMPUTE_DW": dw, "BLOCK_H": block}
                 label = f"{dname},dw={int(dw)},BLOCK_H={block},w={warps}"
-                specs.append(AotSpec(_rms_norm_bwd_kernel, "rms_norm_bwd", label, sig, consts, warps, 1))
+                aligned = _rowwise.aligned_args(sig, ints)
+                specs.append(
+                    AotSpec(_rms_norm_bwd_kernel, "rms_norm_bwd", label, sig, consts, warps, 1, aligned)
+                )
     return specs

@@ -195,7 +195,8 @@ AOT_HEAD_DIMS = (96, 128)  # Phi-3-mini and Phi-3-medium (both tile as 16 heads 
 
 
 def aot_specs() -> list[AotSpec]:
-    """Forward and backward rotation for the GPU activation dtypes at Phi-3's head dims."""
+    """Forward and backward rotation for the GPU activation dtypes at Phi-3's head dims, with the alignment the
+    JIT specializes at those sizes (16-byte vector loads)."""
     specs = []
     seen = set()
     for dname, ptr in _rowwise.DTYPES.items():
@@ -211,5 +212,9 @@ def aot_specs() -> list[AotSpec]:
                        "stride_sb": "i32", "stride_st": "i32"}  # fmt: skip
                 consts = {"INVERSE": inverse, "BLOCK_HEADS": block_heads, "BLOCK_HALF": block_half}
                 label = f"{dname},inverse={int(inverse)},BLOCK_HEADS={block_heads},BLOCK_HALF={block_half},w={NUM_WARPS}"
-                specs.append(AotSpec(_rope_kernel, "rope_qkv", label, sig, consts, NUM_WARPS, 1))
+                # half (48 or 64) and every stride are multiples of 16 at Phi-3's sizes; T and the head count vary.
+                aligned = _rowwise.aligned_args(
+                    sig, tuple(n for n in sig if n == "half" or n.startswith("stride"))
+                )
+                specs.append(AotSpec(_rope_kernel, "rope_qkv", label, sig, consts, NUM_WARPS, 1, aligned))
     return specs

@@ -133,8 +133,15 @@ def aot_specs() -> list[AotSpec]:
     for dname, ptr in _rowwise.DTYPES.items():
         cfg = f"{dname},BLOCK_I={bi},w={NUM_WARPS}"
         sig = {"gu_ptr": ptr, "out_ptr": ptr, "n_cols": "i32", "stride_gu": "i32", "stride_out": "i32"}
-        specs.append(AotSpec(_swiglu_fwd_kernel, "swiglu_fwd", cfg, sig, {"BLOCK_I": bi}, NUM_WARPS, 1))
+        # I = 8192 or 17920 and the row strides are multiples of 16 on Phi-3: aligned as the JIT sees them.
+        aligned = _rowwise.aligned_args(sig, tuple(n for n in sig if not n.endswith("_ptr")))
+        specs.append(
+            AotSpec(_swiglu_fwd_kernel, "swiglu_fwd", cfg, sig, {"BLOCK_I": bi}, NUM_WARPS, 1, aligned)
+        )
         sig = {"dy_ptr": ptr, "gu_ptr": ptr, "dgu_ptr": ptr, "n_cols": "i32", "stride_dy": "i32", "stride_gu": "i32",
                "stride_dgu": "i32"}  # fmt: skip
-        specs.append(AotSpec(_swiglu_bwd_kernel, "swiglu_bwd", cfg, sig, {"BLOCK_I": bi}, NUM_WARPS, 1))
+        aligned = _rowwise.aligned_args(sig, tuple(n for n in sig if not n.endswith("_ptr")))
+        specs.append(
+            AotSpec(_swiglu_bwd_kernel, "swiglu_bwd", cfg, sig, {"BLOCK_I": bi}, NUM_WARPS, 1, aligned)
+        )
     return specs
