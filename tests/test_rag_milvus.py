@@ -375,3 +375,27 @@ def test_trust_remote_code_recorded_and_passed(tmp_path: Path) -> None:
     # Not a reason to re-embed: the same model, loaded another way.
     result = CliRunner().invoke(main, ["index", str(src), "--out", str(out)])
     assert result.exit_code == 0 and "embedded 0 chunks" in result.stdout
+
+
+def test_milvus_lite_held_by_another_process(tmp_path: Path) -> None:
+    import subprocess
+
+    db = tmp_path / "held.db"
+    db.mkdir()
+    holder = subprocess.Popen(  # holds Milvus Lite's data-directory lock, as a second phi3fast process would
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl,sys,time; f=open({str(db / 'LOCK')!r},'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('ok', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with pytest.raises(Phi3FastError, match="another process has this Milvus Lite database open"):
+            mv.connect({"kind": "milvus", "uri": str(db)})
+    finally:
+        holder.kill()
+        holder.wait()

@@ -32,6 +32,7 @@ BM25, where FTS5 matches the token phrase: the same chunks in practice, found th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -116,8 +117,9 @@ def _pymilvus():  # noqa: ANN202
         raise Phi3FastError(
             "the Milvus store needs pymilvus and milvus-lite: pip install 'phi3fast[milvus]'"
         ) from None
-    # pymilvus logs every failed RPC with a traceback; we report failures ourselves, in one line.
-    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    # pymilvus (and Milvus Lite, in-process) log every failure with a traceback; we report them in one line.
+    for name in ("pymilvus", "milvus_lite"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     return pymilvus
 
 
@@ -138,7 +140,28 @@ def connect(cfg: dict):  # noqa: ANN201  (pymilvus.MilvusClient)
     except Phi3FastError:
         raise
     except Exception as e:  # refused, unknown host, bad token, Milvus Lite unable to start
-        raise Phi3FastError(f"cannot connect to Milvus at {uri}: {_one_line(e)}") from None
+        why = _one_line(e)
+        if not uri.startswith(("http://", "https://")) and _locked_by_another(Path(uri) / "LOCK"):
+            why = (
+                "another process has this Milvus Lite database open (Milvus Lite serves one process at a time; "
+                "share an index through a Milvus server)"
+            )
+        raise Phi3FastError(f"cannot connect to Milvus at {uri}: {why}") from None
+
+
+def _locked_by_another(lock: Path) -> bool:
+    """Whether Milvus Lite's data-directory lock (an flock on NAME.db/LOCK) is held elsewhere."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock if we got it
+    return False
 
 
 def _schema(client, dim: int):  # noqa: ANN001, ANN202
