@@ -3,9 +3,11 @@
 // Layout (design note): three arrays indexed by internal id, each in 2 MiB-aligned huge-page memory
 // (memory.h): level-0 link lists [u32 header | maxM0 u32 links], padded to whole cache lines; vectors,
 // each starting on a cache line (a 384-d float32 vector is exactly 24 lines, and no SIMD load straddles two
-// lines); u64 labels. hnswlib keeps all three in one block per node, so every link list read drags a
-// cache line of vector bytes along and every vector is misaligned; split, the 13-19 MB of link lists of a
-// 100k index stay cache-resident while the vectors stream. Files keep hnswlib's per-node block
+// lines); u64 labels. hnswlib keeps all three in one block per node, so a link list read drags vector
+// bytes along and vectors are misaligned; split, the 13-19 MB of link lists of a 100k index can stay
+// cache-resident while the vectors stream. On (a) of bench/ann.py the split and huge pages gave a few
+// percent; most of the float32 search speed-up over hnswlib comes from how vectors are prefetched
+// (prefetch_payload) and the sorted beam (hnsw_search.h). Files keep hnswlib's per-node block
 // [header | links | payload | label] (index_file.h assembles it), so its files still import directly.
 // Header: low 16 bits = link count, byte 2 = deleted mark (hnswlib's DELETE_MARK), byte 3 = ready (vector
 // and links written; used by exact scans). Upper levels: one malloc'd block of `level` link lists per node
@@ -22,7 +24,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>

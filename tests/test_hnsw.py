@@ -285,6 +285,28 @@ def test_float64_and_int_input_are_converted(small: hnsw.Index) -> None:
     assert small.knn_query(x.tolist(), k=1)[0][0, 0] == 40
 
 
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_resize_keeps_vectors_and_graph(storage: str) -> None:
+    # resize_index moves the link, vector and label arrays to a new mapping (csrc/memory.h)
+    data = clustered(400, 17)
+    ix = hnsw.Index("l2", 17)
+    ix.init_index(400, M=8, ef_construction=60, storage=storage)
+    ix.add_items(data)
+    ix.set_ef(40)
+    before = ix.knn_query(data[:50], k=5)
+    items = ix.get_items(np.arange(400))
+    ix.resize_index(5000)
+    after = ix.knn_query(data[:50], k=5)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(ix.get_items(np.arange(400)), items)
+    more = clustered(600, 17, seed=4)
+    ix.add_items(more, ids=np.arange(400, 1000))
+    assert ix.get_current_count() == 1000 and ix.get_max_elements() == 5000
+    truth, _ = exact("l2", np.concatenate([data, more]), more[:50], 10)
+    assert recall(ix.knn_query(more[:50], k=10)[0], truth) >= 0.95
+
+
 def test_readd_updates_the_vector(small: hnsw.Index) -> None:
     v = np.full(8, 30.0, np.float32)
     small.add_items(v, ids=[5])
