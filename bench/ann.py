@@ -222,6 +222,7 @@ def run_dataset(ds: Dataset, efs: list[int], libs: list[str]) -> list[dict]:
         flush=True,
     )
     gt = ground_truth(ds)
+    load_before = os.getloadavg()[0]
     builders: dict[str, Callable[[], tuple[Searcher, int]]] = {
         "hnswlib": lambda: build_hnswlib(ds),
         "faiss": lambda: build_faiss(ds),
@@ -258,6 +259,11 @@ def run_dataset(ds: Dataset, efs: list[int], libs: list[str]) -> list[dict]:
                 )
         for lib in libs:
             curves[lib].append((rec[lib], best[lib]))
+    # Others' jobs on a shared machine slow builds (wall) and searches unevenly: record how busy it was.
+    load = (load_before, os.getloadavg()[0])
+    print(
+        f"  1-min load average: {load[0]:.1f} before the builds, {load[1]:.1f} after the searches", flush=True
+    )
     rows = []
     for lib in libs:
         _, nbytes, build_s = built[lib]
@@ -268,6 +274,7 @@ def run_dataset(ds: Dataset, efs: list[int], libs: list[str]) -> list[dict]:
             "build_s": build_s,
             "build_cpu_s": build_cpu[lib],
             "index_MB": nbytes / 1e6,
+            "load_avg": load,
             "curve": [{"ef": ef, "recall": r, "qps": q} for ef, (r, q) in zip(efs, curve, strict=True)],
         }
         for t in TARGETS:
