@@ -155,15 +155,21 @@ def test_incremental_update_and_delete(tmp_path: Path, emb: Embedder) -> None:
     assert not any("XR-7755" in r.text for r in upd.search("XR-7755", k=10))
     assert upd.search("GX-3141", k=1)[0].source == "manuals/new.md"
     assert not any(r.source == "warranty.md" for r in upd.search("warranty 24 months", k=50, mode="dense"))
-    # The collection holds exactly the live chunks: the old versions were deleted, one version per file.
-    rows = _rows(upd, "id >= 0", ["file", "sha256", "added"])
-    assert len(rows) == len(upd) == upd.manifest["chunks"] == s.chunks_total
-    versions = {(r["file"], r["sha256"]) for r in rows}
-    assert len(versions) == len({f for f, _ in versions}) == 4 and "warranty.md" not in {
-        f for f, _ in versions
-    }
-    pump_rows = [r for r in rows if r["file"] == "manuals/pump-p200.md"]
+    # Epoch 2 sees one version per file; the superseded rows (removed = 2) stay one more build for searches
+    # that read epoch 1 just before the commit, then go.
+    rows = _rows(upd, "id >= 0", ["file", "sha256", "added", "removed"])
+    live = [r for r in rows if r["added"] <= 2 < r["removed"]]
+    assert len(live) == len(upd) == upd.manifest["chunks"] == s.chunks_total
+    versions = {(r["file"], r["sha256"]) for r in live}
+    assert len(versions) == len({f for f, _ in versions}) == 4
+    assert "warranty.md" not in {f for f, _ in versions}
+    pump_rows = [r for r in live if r["file"] == "manuals/pump-p200.md"]
     assert s.chunks_embedded == len(pump_rows) + 1 and {r["added"] for r in pump_rows} == {2}
+    old = [r for r in rows if r["removed"] <= 2]
+    assert {r["file"] for r in old} == {"manuals/pump-p200.md", "warranty.md"}
+    assert {r["removed"] for r in old} == {2} and len(old) + len(live) == len(rows)
+    Index.build([src], out, **kw)  # nothing changed; the next build removes what epoch 2 superseded
+    assert len(_rows(upd, "id >= 0", ["id"])) == len(upd)
 
 
 def test_half_written_build_is_invisible(
@@ -175,21 +181,33 @@ def test_half_written_build_is_invisible(
     Index.build([src], out, store=f"milvus:{tmp_path / 'm.db'}", **kw)
     pump = src / "manuals" / "pump-p200.md"
     pump.write_text(pump.read_text().replace("XR-7755", "XR-9999"))
-    seen: list[tuple[list, list, int]] = []
+    pump_file = "manuals/pump-p200.md"
+    n_old = len(_rows(Index.open(out, embedder=emb), f'file == "{pump_file}"', ["id"]))
+    seen: list[tuple] = []
     real_add = mv.MilvusWriter.add
 
     def add_then_look(self, items, vectors) -> None:  # noqa: ANN001
         real_add(self, items, vectors)  # the new chunks are in Milvus now, not yet committed
         reader = Index.open(out, embedder=emb)
-        rows = _rows(reader, "id >= 0", ["added"])
-        seen.append((reader.search("XR-9999", k=3), reader.search("XR-7755", k=1), len(rows)))
+        view = reader.backend.view()
+        visible = _rows(reader, f'{view.visible} and file == "{pump_file}"', ["added"])
+        stored_new = _rows(reader, "added == 2", ["id"])
+        seen.append((reader.search("XR-9999", k=3), reader.search("XR-7755", k=1), visible, stored_new, view))
 
     monkeypatch.setattr(mv.MilvusWriter, "add", add_then_look)
     Index.build([src], out, **kw)
-    new_xr, old_xr, stored = seen[0]
-    assert not any("XR-9999" in r.text for r in new_xr)  # the new version: stored but invisible
-    assert "XR-7755" in old_xr[0].text  # the old version: still whole
-    assert stored > len(Index.open(out, embedder=emb)) - 1  # both versions were in the collection meanwhile
+    new_xr, old_xr, visible, stored_new, pinned = seen[0]
+    assert not any("XR-9999" in r.text for r in new_xr)  # the new version: stored, but invisible
+    assert len(stored_new) > 0
+    assert "XR-7755" in old_xr[0].text  # the old version: whole (all its chunks, all from build 1)
+    assert len(visible) == n_old and {r["added"] for r in visible} == {1}
+    after = Index.open(out, embedder=emb)
+    assert after.search("XR-9999", k=1)[0].source == pump_file
+    assert not any("XR-7755" in r.text for r in after.search("XR-7755", k=5))
+    # A search that read epoch 1 just before the commit still finds the old version whole.
+    hits = pinned.keyword("XR-7755", 5)
+    assert any("XR-7755" in r.text for r in pinned.rows([i for i, _ in hits]).values())
+    assert len(_rows(after, f'{pinned.visible} and file == "{pump_file}"', ["id"])) == n_old
 
 
 def test_failed_batch_is_retried_then_reported(
@@ -207,7 +225,8 @@ def test_failed_batch_is_retried_then_reported(
     calls: list[str] = []
 
     def failing(self, collection_name, data, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if collection_name.endswith("_state"):  # the commit: let it through (it is never reached here)
+        # The new chunks' batches fail; the commit and the marks on old versions go through.
+        if collection_name.endswith("_state") or all(r["removed"] != mv.NEVER for r in data):
             return real_upsert(self, collection_name, data, *a, **k)
         calls.append(collection_name)
         raise pymilvus.MilvusException(code=2, message="server unavailable")
@@ -239,7 +258,8 @@ def test_failed_batch_is_retried_then_reported(
     after = Index.build([src], out, **kw)
     assert after.build_stats.files_changed == 1 and "retired" in after.search("E-042", k=1)[0].text
     ids = [r["id"] for r in _rows(after, "id >= 0", ["id"])]
-    assert len(ids) == len(set(ids)) == len(after)  # the half-stored attempt left no doubled id
+    live = _rows(after, mv._visible(after.backend.view().epoch), ["id"])
+    assert len(ids) == len(set(ids)) and len(live) == len(after)  # the half-stored attempt doubled no id
     # CLI: the same failure is one line, exit 2
     (src / "manuals" / "extra.md").write_text("# Extra\n\nPart QZ-2 fits.\n")
     monkeypatch.setattr(pymilvus.MilvusClient, "upsert", failing)

@@ -8,26 +8,30 @@ INDEX_DIR keeps only MANIFEST.json (the store: uri and collection; the embedder;
 lock; `phi3fast query --index INDEX_DIR` reads the manifest and searches the collection.
 
 Collection `phi3fast_<dir>_<hash>`: one row per chunk
-    id INT64 (primary key)  file, sha256 (the file version), added (build epoch)  source, heading, start, end, text
-    vector FLOAT_VECTOR (HNSW, COSINE)   sparse SPARSE_FLOAT_VECTOR (Milvus's BM25 function over `text`)
+    id INT64 (primary key)   file, sha256 (the file version)   added, removed (build epochs)
+    source, heading, start, end, text   keywords (source, heading and text as FTS5 tokens)
+    vector FLOAT_VECTOR (HNSW, COSINE)   sparse SPARSE_FLOAT_VECTOR (Milvus's BM25 function over `keywords`)
 and `<collection>_state`: one row, the committed build epoch E and its chunk count.
 
 Visibility: epochs
 ------------------
-Milvus has no multi-row transactions, so a build never edits visible rows in place:
-1. Every chunk it writes carries added = E + 1; every search filters on `added <= E`, so none of them is visible
-   (a half-written file, or a half-written build, is never seen).
-2. Commit = one single-row upsert of the state row to E + 1: every new chunk becomes visible at once.
-3. Then the old versions of changed and deleted files (added <= E) are deleted, a file per delete request.
-Between 2 and 3 a changed file shows both its old and its new chunks for a moment: never half of either.
-A failed or interrupted run leaves rows with added > E that nobody sees; the next run deletes them first (and
-old versions a crash left between 2 and 3: per file, only the newest version is kept).
-Chunk ids are a hash of (file, sha256, epoch, ordinal), so a retried batch is idempotent.
+Milvus has no multi-row transactions, so readers filter on epochs and a build switches them with one write.
+A search reads E from the state row and sees the rows with `added <= E and removed > E`. A build:
+1. marks the rows of changed and deleted files removed = E + 1 (rewritten whole: still visible at E);
+2. writes the new chunks with added = E + 1 (invisible at E), in batches;
+3. commits: one single-row upsert of the state row to E + 1. Readers then see the new build whole, and
+   nothing of the old versions; before it, the old build whole. Never half a file, never half a run.
+The superseded rows stay one more build (a search that read E just before the commit still finds them); the
+next build deletes rows with removed <= E first, and also cleans up after a failed run: its rows
+(added > E) and its marks (removed = E + 1 on rows that are still current). Chunk ids are a hash of
+(file, sha256, epoch, ordinal), so a retried upsert of a batch overwrites instead of doubling.
 
-Keyword search differs from the built-in store's FTS5 in details only: Milvus's standard analyzer (lowercase
-words, no stemming) over the chunk text; the same stopwords are dropped from the question first. Exact
-identifiers (XR-7755) are matched with LIKE '%XR-7755%' filters (as written, upper or lower case) ranked by
-BM25, where FTS5 matches the token phrase: the same chunks in practice, found the same way.
+Keyword search: Milvus's analyzers differ between servers (tantivy, with stemmers) and Milvus Lite (a regex),
+so phi3fast gives the BM25 function text that is already tokenized by the built-in store's FTS5 tokenizer
+(store.fts_tokens: lowercase, accents folded, porter-stemmed), and tokenizes questions the same way (stopwords
+dropped, as for FTS5): both stores, and Lite and servers, match the same words. Exact identifiers (XR-7755)
+are matched as the FTS5 phrase of their tokens (LIKE '% xr 7755 %' over `keywords`), ranked by BM25.
+BM25's constants and column weighting differ from FTS5's, so lower ranks can swap.
 """
 
 from __future__ import annotations
@@ -55,6 +59,27 @@ BACKOFF_S = 0.5  # first retry after 0.5 s, then 1 s, 2 s: rides out a server re
 DELETE_FILES = 64  # files per delete request (an `in` list), keeps the filter expression short
 MAX_TEXT = 65_535  # Milvus VARCHAR limit, in bytes
 _OUT = ["source", "heading", "start", "end", "text"]
+_ROW_FIELDS = [
+    "id",
+    "file",
+    "sha256",
+    "added",
+    "removed",
+    "source",
+    "heading",
+    "start",
+    "end",
+    "text",
+    "keywords",
+    "vector",
+]
+NEVER = 1 << 62  # `removed` of a current row
+
+
+def _visible(epoch: int) -> str:
+    """The rows of the committed build `epoch`: written by it or before, not superseded by it or before."""
+    return f"added <= {epoch} and removed > {epoch}"
+
 
 # -- the store spec -----------------------------------------------------------------------------------------
 
@@ -172,6 +197,7 @@ def _schema(client, dim: int):  # noqa: ANN001, ANN202
     schema.add_field("file", DataType.VARCHAR, max_length=4096)
     schema.add_field("sha256", DataType.VARCHAR, max_length=64)
     schema.add_field("added", DataType.INT64)
+    schema.add_field("removed", DataType.INT64)
     schema.add_field("source", DataType.VARCHAR, max_length=4096)
     schema.add_field("heading", DataType.VARCHAR, max_length=MAX_TEXT)
     schema.add_field("start", DataType.INT64)
@@ -274,7 +300,7 @@ class MilvusView:
         self.b = backend
         self.epoch = epoch
         self.chunks = chunks
-        self.visible = f"added <= {epoch}"
+        self.visible = _visible(epoch)
 
     def _call(self, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         try:
@@ -360,8 +386,8 @@ class MilvusView:
 
 
 class MilvusWriter:
-    """One build into the collection (see "Visibility: epochs"): upsert new chunks invisibly, in batches with
-    retries; commit by bumping the state row's epoch; then delete the old versions."""
+    """One build into the collection (see "Visibility: epochs"): mark the old versions superseded, upsert the new
+    chunks, both invisible to readers of the committed epoch; commit by bumping the state row's epoch."""
 
     def __init__(
         self, out: Path, cfg: dict, fresh: bool, dim: int, progress: bool, warn: Callable[[str], None]
@@ -373,14 +399,15 @@ class MilvusWriter:
         self.name = self.cfg["collection"]
         self.state = self.name + "_state"
         self.progress = progress
+        self.fresh = fresh
         self.committed = False
         self.bar = None
-        self._retry(lambda: self._prepare(dim, fresh), [])
+        self._retry(lambda: self._prepare(dim), [])
 
-    def _prepare(self, dim: int, fresh: bool) -> None:
+    def _prepare(self, dim: int) -> None:
         c = self.client
         if c.has_collection(self.name) and _vector_dim(c, self.name) != dim:
-            if not fresh:
+            if not self.fresh:
                 raise Phi3FastError(
                     f"milvus:{self.uri}: collection {self.name} holds {_vector_dim(c, self.name)}-dim vectors, "
                     f"the embedder gives {dim}"
@@ -395,32 +422,45 @@ class MilvusWriter:
             c.create_collection(self.state, schema=schema, index_params=params, consistency_level="Strong")
         for name in (self.name, self.state):
             c.load_collection(name)
-        self.epoch, _ = _read_state(c, self.state)
-        # Leftovers of a failed run: rows nobody sees (added > E).
-        c.delete(self.name, filter=f"added > {self.epoch}")
-        # {file: (sha256, added, chunks)}: the newest committed version of each file; older ones are stale.
-        versions: dict[str, dict[tuple[str, int], int]] = {}
+        e = self.epoch = _read_state(c, self.state)[0]
+        # Rows no reader of epoch E sees: a failed run's new rows, and versions superseded at E or before (kept
+        # until now for a search that read an older epoch just before the last commit).
+        c.delete(self.name, filter=f"added > {e} or removed <= {e}")
+        # A failed run's marks (removed = E + 1) on rows that are still current: undo them.
+        self._mark(f"removed > {e} and removed < {NEVER}", NEVER)
+        # {file: (sha256, chunks)} of the committed build: one version per file (a commit switches whole builds).
+        self.current: dict[str, tuple[str, int]] = {}
         it = c.query_iterator(
-            self.name,
-            batch_size=4096,
-            filter=f"added <= {self.epoch}",
-            output_fields=["file", "sha256", "added"],
+            self.name, batch_size=4096, filter=_visible(e), output_fields=["file", "sha256"]
         )
         try:
             while rows := it.next():
                 for r in rows:
-                    key = (r["sha256"], int(r["added"]))
-                    per = versions.setdefault(r["file"], {})
-                    per[key] = per.get(key, 0) + 1
+                    sha, n = self.current.get(r["file"], (r["sha256"], 0))
+                    self.current[r["file"]] = (sha, n + 1)
         finally:
             it.close()
-        self.current: dict[str, tuple[str, int, int]] = {}
-        self.stale: list[tuple[str, int]] = []  # (file, added) of superseded versions a crash left behind
-        for file, per in versions.items():
-            (sha, added), n = max(per.items(), key=lambda t: t[0][1])
-            self.current[file] = (sha, added, n)
-            self.stale += [(file, a) for (_, a) in per if a != added]
-        self.fresh = fresh
+
+    def _mark(self, expr: str, removed: int, files: list[str] | None = None) -> None:
+        """Rewrite the rows matching expr with `removed` set (Milvus Lite has no partial update: whole rows).
+        Ids first, then the rows a batch at a time: an iterator must not walk rows that are being rewritten."""
+        ids: list[int] = []
+        it = self.client.query_iterator(self.name, batch_size=4096, filter=expr, output_fields=["id"])
+        try:
+            while rows := it.next():
+                ids += [int(r["id"]) for r in rows]
+        finally:
+            it.close()
+        fields = [f for f in _ROW_FIELDS if f not in ("id", "removed")]
+        for i in range(0, len(ids), BATCH_ROWS):
+            got = self._retry(
+                lambda i=i: self.client.get(self.name, ids=ids[i : i + BATCH_ROWS], output_fields=fields),
+                files or [],
+            )
+            batch = [{**{f: r[f] for f in ["id", *fields]}, "removed": removed} for r in got]
+            for row in batch:
+                row["vector"] = [float(x) for x in row["vector"]]
+            self._upsert(batch)
 
     def _retry(self, fn: Callable[[], object], files: list[str]) -> object:
         """Call fn, retrying with exponential backoff; then stop naming the files the batch held."""
@@ -446,11 +486,17 @@ class MilvusWriter:
 
     # -- the Writer interface --
     def file_hashes(self) -> dict[str, str]:
-        return {} if self.fresh else {f: sha for f, (sha, _, _) in self.current.items()}
+        return {} if self.fresh else {f: sha for f, (sha, _) in self.current.items()}
 
     def begin(self, plan: Plan, old: dict[str, str]) -> None:
         from tqdm import tqdm
 
+        e = self.epoch
+        self.gone = sorted(self.current) if self.fresh else sorted(old_versions(plan, old))
+        # Superseded by this build: still visible to readers of E (removed > E), gone for readers of E + 1.
+        for i in range(0, len(self.gone), DELETE_FILES):
+            files = self.gone[i : i + DELETE_FILES]
+            self._mark(f"{_visible(e)} and file in [{', '.join(map(_quote, files))}]", e + 1, files)
         n = sum(len(chunks) for _, _, chunks in plan.todo)
         self.bar = tqdm(total=n, unit="chunks", desc="milvus upsert", disable=not self.progress, leave=False)
 
@@ -473,6 +519,7 @@ class MilvusWriter:
                         "file": file,
                         "sha256": sha,
                         "added": added,
+                        "removed": NEVER,
                         "source": c.source,
                         "heading": c.heading,
                         "start": c.start,
@@ -489,14 +536,11 @@ class MilvusWriter:
     def commit(self, plan: Plan, old: dict[str, str]) -> tuple[dict, bool]:
         if self.bar is not None:
             self.bar.close()
-        gone = set(old_versions(plan, old))
-        if self.fresh:
-            gone = set(self.current)
-        kept = sum(n for f, (_, _, n) in self.current.items() if f not in gone)
+        gone = set(self.gone)
+        kept = sum(n for f, (_, n) in self.current.items() if f not in gone)
         total = kept + sum(len(chunks) for _, _, chunks in plan.todo)
-        self.drop = sorted(gone)
         fields = {"generation": "milvus", "store": self.cfg, "chunks": total, "sizes": {}}
-        if not plan.todo and not gone and not self.stale and not self.fresh:
+        if not plan.todo and not gone and not self.fresh:
             return fields, False
         # Seal what this run wrote, once per build (as Milvus advises after a bulk load): Milvus builds the HNSW
         # and BM25 indexes of sealed segments, while growing ones are searched by scanning.
@@ -507,29 +551,14 @@ class MilvusWriter:
         return fields, True
 
     def cleanup(self) -> None:
-        """Delete what the commit superseded. A failure here only leaves old versions that searches show beside
-        the new ones until the next run removes them: a warning, not an error (the build is committed)."""
-        e = self.epoch
-        deletes: list[tuple[str, list[str]]] = [(f"added <= {e}", [])] if self.fresh else []
-        for i in range(0, len(self.drop), DELETE_FILES):
-            files = self.drop[i : i + DELETE_FILES]
-            deletes.append((f"added <= {e} and file in [{', '.join(map(_quote, files))}]", files))
-        deletes += [(f"file == {_quote(f)} and added == {a}", [f]) for f, a in self.stale]
-        try:
-            for expr, files in deletes:
-                self._retry(lambda expr=expr: self.client.delete(self.name, filter=expr), files)
-        except Phi3FastError as err:
-            self.warn(f"{err} (deleting old chunk versions; the next `phi3fast index` retries)")
+        """Nothing now: the superseded rows stay one more build, for a search that read the previous epoch just
+        before the commit; the next build deletes them first."""
 
     def abort(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.committed:
-            return  # the build is visible: nothing to undo
-        try:  # best effort: invisible rows; the next run removes them anyway
-            self.client.delete(self.name, filter=f"added > {self.epoch}")
-        except Exception:  # noqa: BLE001, S110
-            pass
+        # Nothing to undo for readers: the rows of this run and its marks are invisible at the committed epoch,
+        # and the next run clears them first (see _prepare).
 
 
 def _quote(s: str) -> str:
