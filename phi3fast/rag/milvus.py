@@ -235,10 +235,15 @@ def _state_schema(client):  # noqa: ANN001, ANN202
 
 
 def _vector_dim(client, name: str) -> int:  # noqa: ANN001
-    for f in client.describe_collection(name)["fields"]:
-        if f["name"] == "vector":
-            return int(f["params"]["dim"])
-    raise Phi3FastError(f"Milvus collection {name} has no 'vector' field: not a phi3fast index")
+    """The collection's vector dimension, after checking it has every field this phi3fast reads and writes."""
+    fields = {f["name"]: f for f in client.describe_collection(name)["fields"]}
+    missing = [f for f in _ROW_FIELDS if f not in fields]
+    if missing:
+        raise Phi3FastError(
+            f"Milvus collection {name} has no field '{missing[0]}': not a phi3fast index of this version "
+            "(index into a new --out)"
+        )
+    return int(fields["vector"]["params"]["dim"])
 
 
 def _read_state(client, state: str) -> tuple[int, int]:  # noqa: ANN001
