@@ -419,3 +419,18 @@ def test_milvus_lite_held_by_another_process(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_server_uri_takes_token_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    got: dict = {}
+
+    class FakeClient:  # no Milvus server here: check what phi3fast hands pymilvus
+        def __init__(self, **kwargs: object) -> None:
+            got.update(kwargs)
+
+    monkeypatch.setattr(pymilvus, "MilvusClient", FakeClient)
+    monkeypatch.setenv("MILVUS_TOKEN", "user:secret")
+    cfg = mv.parse_store("milvus:https://milvus.example.com:19530/")
+    assert cfg == {"kind": "milvus", "uri": "https://milvus.example.com:19530"}
+    assert isinstance(mv.connect(cfg), FakeClient)
+    assert got["uri"] == "https://milvus.example.com:19530" and got["token"] == "user:secret"
