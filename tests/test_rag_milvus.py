@@ -266,6 +266,16 @@ def test_failed_batch_is_retried_then_reported(
     result = CliRunner().invoke(main, ["index", str(src), "--out", str(out)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: milvus:") and "manuals/extra.md" in result.stderr
+    # That run had already marked extra.md's committed rows superseded (removed = E + 1) before failing. The file
+    # goes back to its committed text, and another file comes: the next run must undo the stale marks, or its
+    # commit would hide extra.md.
+    monkeypatch.undo()
+    (src / "manuals" / "extra.md").write_text("# Extra\n\nPart QZ-1 fits.\n")
+    (src / "manuals" / "more.md").write_text("# More\n\nPart QZ-7 fits.\n")
+    last = Index.build([src], out, **kw)
+    assert (last.build_stats.files_added, last.build_stats.files_unchanged) == (1, 5)
+    assert last.search("QZ-1", k=1)[0].source == "manuals/extra.md"
+    assert last.search("QZ-7", k=1)[0].source == "manuals/more.md"
 
 
 def test_export_parquet_round_trip(pair: tuple[Index, Index], tmp_path: Path, emb: Embedder) -> None:
