@@ -342,8 +342,13 @@ class HnswIndex {
   size_t exact(const Query& q, size_t k, const Filter* filt, SearchScratch& s, uint64_t* labels, float* dists) const;
 
   // ---- construction (locks per node while reading/writing links) ----
+  // Distance kernels are resolved once per call through vs_.with_distance, as on the query path.
   uint32_t greedy_locked(const Query& q, uint32_t cur, int from, int to_exclusive) const {
-    float d = vs_.dist(q, payload(cur));
+    return vs_.with_distance(q, [&](const auto& dist) { return greedy_locked(dist, cur, from, to_exclusive); });
+  }
+  template <class Dist>
+  uint32_t greedy_locked(const Dist& dist, uint32_t cur, int from, int to_exclusive) const {
+    float d = dist(payload(cur));
     std::vector<uint32_t> buf(maxM_ + 1);
     for (int l = from; l > to_exclusive; --l) {
       for (bool changed = true; changed;) {
@@ -356,7 +361,7 @@ class HnswIndex {
           std::memcpy(buf.data(), ll + 1, 4 * c);
         }
         for (size_t j = 0; j < c; ++j) {
-          const float dd = vs_.dist(q, payload(buf[j]));
+          const float dd = dist(payload(buf[j]));
           if (dd < d) { d = dd; cur = buf[j]; changed = true; }
         }
       }
@@ -366,6 +371,10 @@ class HnswIndex {
 
   // ef_construction search at one level; fills s.top (not deleted nodes) as an unsorted vector.
   void search_build(const Query& q, uint32_t ep, int level, SearchScratch& s) const {
+    vs_.with_distance(q, [&](const auto& dist) { search_build(dist, ep, level, s); });
+  }
+  template <class Dist>
+  void search_build(const Dist& dist, uint32_t ep, int level, SearchScratch& s) const {
     s.begin(max_elements_);
     auto& top = s.top;
     auto& cand = s.cand;
@@ -373,7 +382,6 @@ class HnswIndex {
     std::vector<uint32_t>& buf = s.ids;
     buf.resize(maxM0_ + 1);
     const bool has_del = num_deleted_.load(std::memory_order_relaxed) > 0;
-    auto dist = [&](const uint8_t* p) { return vs_.dist(q, p); };
     float lower = std::numeric_limits<float>::infinity();
     const float d0 = dist(payload(ep));
     s.visit(ep);
@@ -414,11 +422,11 @@ class HnswIndex {
     size_t kept = 0;
     for (size_t i = 0; i < c.size() && kept < m; ++i) {
       if (i + prefetch_ahead_ < c.size()) prefetch_payload(c[i + prefetch_ahead_].second);
-      const Query qe = node_query(c[i].second, buf);
-      bool good = true;
-      for (size_t j = 0; j < kept; ++j) {
-        if (vs_.dist(qe, payload(c[j].second)) < c[i].first) { good = false; break; }
-      }
+      const bool good = vs_.with_distance(node_query(c[i].second, buf), [&](const auto& dist) {
+        for (size_t j = 0; j < kept; ++j)
+          if (dist(payload(c[j].second)) < c[i].first) return false;
+        return true;
+      });
       if (good) c[kept++] = c[i];
     }
     c.resize(kept);
@@ -452,9 +460,10 @@ class HnswIndex {
       }
       const Query qn = node_query(nb, s.buf_a);
       pool.clear();
-      pool.emplace_back(vs_.dist(qn, payload(id)), id);
-      for_each_dist([&](const uint8_t* p) { return vs_.dist(qn, p); }, ll + 1, c,
-                    [&](uint32_t o, float d) { pool.emplace_back(d, o); });
+      vs_.with_distance(qn, [&](const auto& dist) {
+        pool.emplace_back(dist(payload(id)), id);
+        for_each_dist(dist, ll + 1, c, [&](uint32_t o, float d) { pool.emplace_back(d, o); });
+      });
       select_neighbors(pool, maxc, s.buf_b);
       for (size_t j = 0; j < pool.size(); ++j) ll[1 + j] = pool[j].second;
       set_count(ll, pool.size());
