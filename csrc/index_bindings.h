@@ -398,6 +398,14 @@ class PyBFIndex {
 }  // namespace bind
 }  // namespace phi3fast
 
+// Pickle at every protocol the way protocol 2+ does: a new instance via cls.__new__, then __setstate__. Protocols 0
+// and 1 would otherwise go through copyreg._reconstructor -> object.__new__, which builds an instance without the
+// C++ holder, and pybind11 aborts the process on it. type(self) keeps Python subclasses (phi3fast.hnsw.Index).
+inline py::tuple reduce_newobj(const py::object& self, int /*protocol*/) {
+  py::object newobj = py::module_::import("copyreg").attr("__newobj__");
+  return py::make_tuple(newobj, py::make_tuple(py::type::of(self)), self.attr("__getstate__")());
+}
+
 inline void bind_index(py::module_& m) {
   using phi3fast::bind::PyBFIndex;
   using phi3fast::bind::PyIndex;
@@ -492,6 +500,7 @@ inline void bind_index(py::module_& m) {
       .def_property("num_threads", [](const PyIndex& s) { return s.num_threads; },
                     [](PyIndex& s, int t) { s.num_threads = t; })
       .def("__repr__", &PyIndex::repr)
+      .def("__reduce_ex__", &reduce_newobj, py::arg("protocol"))
       .def(py::pickle(
           [](const PyIndex& s) {
             py::object blob = s.ix ? py::object(s.state_bytes()) : py::none();
@@ -525,6 +534,7 @@ inline void bind_index(py::module_& m) {
       .def_property_readonly("space", [](const PyBFIndex& s) { return s.space_name; })
       .def_property_readonly("dim", [](const PyBFIndex& s) { return s.dim; })
       .def("__repr__", &PyBFIndex::repr)
+      .def("__reduce_ex__", &reduce_newobj, py::arg("protocol"))
       .def(py::pickle(
           [](const PyBFIndex& s) {
             py::object blob = s.ix ? py::object(py::bytes(s.ix->save())) : py::none();

@@ -35,13 +35,12 @@ Coming from hnswlib (the converters live in phi3fast._hnswlib_compat):
 
 from __future__ import annotations
 
-import copyreg
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, SupportsIndex
+from typing import IO, Any
 
 from phi3fast import _hnsw
 from phi3fast import _hnswlib_compat as compat
@@ -80,12 +79,6 @@ def _scratch_file(what: str) -> Iterator[str]:
             yield tmp
         except HnswError as e:
             raise HnswError(str(e).replace(tmp, what)) from None
-
-
-def _reduce(obj: Any) -> tuple[Any, ...]:
-    """Pickle as protocol 2+ does (new instance, then __setstate__) at every protocol: protocols 0 and 1 would
-    otherwise rebuild the object through object.__new__, which a pybind11 class cannot survive (it aborts)."""
-    return copyreg.__newobj__, (type(obj),), obj.__getstate__()
 
 
 # Design note (hnswlib constructors): the C++ class already takes (space, dim) and (index). hnswlib's
@@ -139,9 +132,6 @@ class Index(_hnsw.Index):
         self.set_ef(p.ef)
         self.set_num_threads(p.num_threads)
 
-    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
-        return _reduce(self)
-
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         # hnswlib's pickles carry (params,); ours carry the engine's own tuple
         if compat.is_hnswlib_state(state):
@@ -152,9 +142,6 @@ class Index(_hnsw.Index):
 
 class BFIndex(_hnsw.BFIndex):
     """hnswlib-compatible exact index; `load_index` reads phi3fast's and hnswlib's BFIndex files."""
-
-    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
-        return _reduce(self)
 
     def load_index(self, path_to_index: str, max_elements: int = 0) -> None:
         path = os.fspath(path_to_index)

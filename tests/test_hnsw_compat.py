@@ -7,6 +7,7 @@ import copy
 import io
 import pickle
 import struct
+import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -153,7 +154,7 @@ def test_hnswlib_pickle_refuses_other_globals() -> None:
 
 @pytest.mark.parametrize(
     "protocol", [0, 1, 2, 5]
-)  # 0 and 1 aborted the process before hnsw.Index defined __reduce_ex__
+)  # 0 and 1 aborted the process before the engine classes defined __reduce_ex__
 def test_own_pickles_and_copies_keep_the_class(protocol: int) -> None:
     ix = hnsw.Index("ip", 37)
     ix.init_index(300, M=8, storage="int8")
@@ -175,6 +176,26 @@ def test_own_pickles_and_copies_keep_the_class(protocol: int) -> None:
     bf2 = pickle.loads(pickle.dumps(bf, protocol))
     assert type(bf2) is hnsw.BFIndex
     np.testing.assert_array_equal(bf2.knn_query(q[:, :5], k=2)[0], bf.knn_query(q[:, :5], k=2)[0])
+
+
+def test_engine_classes_pickle_at_every_protocol() -> None:
+    # The C++ classes themselves (phi3fast._hnsw): protocols 0 and 1 used to abort the interpreter, so the check
+    # runs in a child process, where a regression shows as a failed exit instead of killing the test run.
+    code = """
+import pickle, numpy as np
+from phi3fast import _hnsw
+for cls in (_hnsw.Index, _hnsw.BFIndex):
+    ix = cls("l2", 6)
+    ix.init_index(20)
+    ix.add_items(np.arange(60, dtype=np.float32).reshape(10, 6))
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(ix, protocol))
+        assert type(back) is cls and back.get_current_count() == 10, (cls, protocol)
+        assert (back.knn_query(np.ones((1, 6), np.float32), k=3)[0] == ix.knn_query(np.ones((1, 6), np.float32), k=3)[0]).all()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # ---- bad dicts: a clear error naming the field, never a crash ----
