@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from rag_helpers import CHUNK_TOKENS, DATA, OVERLAP, QUESTIONS, edit_small_corpus, hit, small_corpus
 from test_rag_readers import make_pdf
 
 from phi3fast.cli import main
@@ -21,10 +22,6 @@ from phi3fast.errors import Phi3FastError
 from phi3fast.rag import Index
 from phi3fast.rag.embed import Embedder
 from phi3fast.rag.readers import read_documents
-
-DATA = Path(__file__).resolve().parent / "data" / "rag"
-QUESTIONS = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines() if line.strip()]
-CHUNK_TOKENS, OVERLAP = 128, 16  # smaller than the default so sections split into several chunks
 
 LATIN1 = "Compresseur K7 — notice d'entretien\n\nTempérature maximale de l'huile: 60 °C. Joint de culasse, pièce KZ-5518.\n"
 UTF16 = "Service notes\n\nFault H-204 on the K7 compressor means the oil level switch is open.\n"
@@ -67,10 +64,6 @@ def built(corpus: Path, emb: Embedder, tmp_path_factory: pytest.TempPathFactory)
     return index, warnings
 
 
-def _hit(results: list, q: dict) -> bool:
-    return any(r.source == q["source"] and q["expect"] in r.text for r in results)
-
-
 @pytest.fixture(scope="module")
 def hybrid_top5(built: tuple[Index, list[str]]) -> list[list]:
     """Hybrid top-5 for every labelled question (computed once; several tests read it)."""
@@ -79,7 +72,7 @@ def hybrid_top5(built: tuple[Index, list[str]]) -> list[list]:
 
 
 def test_recall_at_5_hybrid(hybrid_top5: list[list]) -> None:
-    hits = [_hit(results, q) for results, q in zip(hybrid_top5, QUESTIONS, strict=True)]
+    hits = [hit(results, q) for results, q in zip(hybrid_top5, QUESTIONS, strict=True)]
     recall = sum(hits) / len(hits)
     missed = [q["question"] for q, h in zip(QUESTIONS, hits, strict=True) if not h]
     assert recall >= 0.9, f"recall@5 {recall:.2f}; missed {missed}"
@@ -89,10 +82,10 @@ def test_jargon_found_by_hybrid_and_keyword(built: tuple[Index, list[str]], hybr
     index, _ = built
     jargon = [(i, q) for i, q in enumerate(QUESTIONS) if q["kind"] == "keyword"]
     assert len(jargon) >= 8
-    missed = [q["question"] for i, q in jargon if not _hit(hybrid_top5[i], q)]
+    missed = [q["question"] for i, q in jargon if not hit(hybrid_top5[i], q)]
     assert not missed, f"hybrid missed {missed}"
     missed = [
-        q["question"] for _, q in jargon if not _hit(index.search(q["question"], k=1, mode="keyword"), q)
+        q["question"] for _, q in jargon if not hit(index.search(q["question"], k=1, mode="keyword"), q)
     ]
     assert not missed, f"keyword rank 1 missed {missed}"
 
@@ -177,14 +170,8 @@ def test_concurrent_queries_from_threads(built: tuple[Index, list[str]]) -> None
     assert all(res == expected[q] for (_, q), res in got.items()) and len(got) == 8
 
 
-def _small_corpus(root: Path) -> Path:
-    shutil.copytree(DATA / "corpus" / "manuals", root / "manuals")
-    shutil.copy(DATA / "corpus" / "policies" / "warranty.md", root / "warranty.md")
-    return root
-
-
 def test_incremental_update_and_delete(tmp_path: Path, emb: Embedder) -> None:
-    src = _small_corpus(tmp_path / "docs")
+    src = small_corpus(tmp_path / "docs")
     out = tmp_path / "idx"
     kw = {"embedder": emb, "chunk_tokens": CHUNK_TOKENS, "overlap": OVERLAP, "progress": False}
     first = Index.build([src], out, **kw)
@@ -194,12 +181,7 @@ def test_incremental_update_and_delete(tmp_path: Path, emb: Embedder) -> None:
     assert again.build_stats.chunks_embedded == 0 and again.build_stats.files_unchanged == 4
     assert again.manifest["generation"] == "gen-000001"
 
-    pump = src / "manuals" / "pump-p200.md"
-    pump.write_text(pump.read_text().replace("XR-7755", "XR-9999"))
-    (src / "warranty.md").unlink()
-    (src / "manuals" / "new.md").write_text(
-        "# Gearbox G4\n\nThe G4 gearbox needs oil GX-3141 every 500 hours.\n"
-    )
+    edit_small_corpus(src)
     upd = Index.build([src], out, **kw)
     s = upd.build_stats
     assert (s.files_added, s.files_changed, s.files_deleted, s.files_unchanged) == (1, 1, 1, 2)
@@ -218,7 +200,7 @@ def test_incremental_update_and_delete(tmp_path: Path, emb: Embedder) -> None:
 def test_failed_build_leaves_previous_index_intact(
     tmp_path: Path, emb: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = _small_corpus(tmp_path / "docs")
+    src = small_corpus(tmp_path / "docs")
     out = tmp_path / "idx"
     kw = {"embedder": emb, "chunk_tokens": CHUNK_TOKENS, "overlap": OVERLAP, "progress": False}
     before = [r.text for r in Index.build([src], out, **kw).search("E-042", k=3)]

@@ -6,7 +6,6 @@ reported; the Parquet export; and every error path (missing extra, bad URI, swit
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from rag_helpers import CHUNK_TOKENS, DATA, OVERLAP, QUESTIONS, edit_small_corpus, hit, small_corpus
 
 pymilvus = pytest.importorskip("pymilvus")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -24,10 +24,6 @@ from phi3fast.rag import Index  # noqa: E402
 from phi3fast.rag import milvus as mv  # noqa: E402
 from phi3fast.rag.backend import EXPORT_COLUMNS  # noqa: E402
 from phi3fast.rag.embed import Embedder  # noqa: E402
-
-DATA = Path(__file__).resolve().parent / "data" / "rag"
-QUESTIONS = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines() if line.strip()]
-CHUNK_TOKENS, OVERLAP = 128, 16  # as tests/test_rag.py: sections split into several chunks
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +55,6 @@ def pair(emb: Embedder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Index
     return builtin, milvus
 
 
-def _hit(results: list, q: dict) -> bool:
-    return any(r.source == q["source"] and q["expect"] in r.text for r in results)
-
-
 def _key(results: list) -> list[tuple[str, int, int]]:
     return [(r.source, r.start, r.end) for r in results]
 
@@ -72,8 +64,8 @@ def test_same_recall_and_rankings_as_builtin(pair: tuple[Index, Index]) -> None:
     assert len(milvus) == len(builtin) and milvus.manifest["store"]["kind"] == "milvus"
     b5 = [builtin.search(q["question"], k=5) for q in QUESTIONS]
     m5 = [milvus.search(q["question"], k=5) for q in QUESTIONS]
-    b_hits = [_hit(r, q) for r, q in zip(b5, QUESTIONS, strict=True)]
-    m_hits = [_hit(r, q) for r, q in zip(m5, QUESTIONS, strict=True)]
+    b_hits = [hit(r, q) for r, q in zip(b5, QUESTIONS, strict=True)]
+    m_hits = [hit(r, q) for r, q in zip(m5, QUESTIONS, strict=True)]
     assert sum(m_hits) == sum(b_hits) and sum(b_hits) / len(QUESTIONS) >= 0.9, (b_hits, m_hits)
     # Dense search is the same HNSW/cosine problem in both: the same chunks in the same order, same scores.
     for q in QUESTIONS:
@@ -86,7 +78,7 @@ def test_same_recall_and_rankings_as_builtin(pair: tuple[Index, Index]) -> None:
     same_top = sum(_key(b[:1]) == _key(m[:1]) for b, m in zip(b5, m5, strict=True))
     assert same_top >= len(QUESTIONS) - 1, same_top
     jargon = [q for q in QUESTIONS if q["kind"] == "keyword"]
-    missed = [q["question"] for q in jargon if not _hit(milvus.search(q["question"], k=1, mode="keyword"), q)]
+    missed = [q["question"] for q in jargon if not hit(milvus.search(q["question"], k=1, mode="keyword"), q)]
     assert len(missed) <= 1, missed  # the built-in store misses none; see test_rag.py
     assert milvus.search("zzzqqq", k=3, mode="keyword") == []
 
@@ -120,19 +112,13 @@ def test_cli_json_same_shape(pair: tuple[Index, Index]) -> None:
     assert m["results"][0] == b["results"][0] | {"score": m["results"][0]["score"]}
 
 
-def _small(root: Path) -> Path:
-    shutil.copytree(DATA / "corpus" / "manuals", root / "manuals")
-    shutil.copy(DATA / "corpus" / "policies" / "warranty.md", root / "warranty.md")
-    return root
-
-
 def _rows(index: Index, expr: str, fields: list[str]) -> list[dict]:
     b = index.backend
     return b.client.query(b.collection, filter=expr, output_fields=fields)
 
 
 def test_incremental_update_and_delete(tmp_path: Path, emb: Embedder) -> None:
-    src = _small(tmp_path / "docs")
+    src = small_corpus(tmp_path / "docs")
     out = tmp_path / "idx"
     kw = {"embedder": emb, "chunk_tokens": CHUNK_TOKENS, "overlap": OVERLAP, "progress": False}
     first = Index.build([src], out, store=f"milvus:{tmp_path / 'm.db'}", **kw)
@@ -142,12 +128,7 @@ def test_incremental_update_and_delete(tmp_path: Path, emb: Embedder) -> None:
     assert again.build_stats.chunks_embedded == 0 and again.build_stats.files_unchanged == 4
     assert again.backend.view().epoch == 1 and len(again) == n_first
 
-    pump = src / "manuals" / "pump-p200.md"
-    pump.write_text(pump.read_text().replace("XR-7755", "XR-9999"))
-    (src / "warranty.md").unlink()
-    (src / "manuals" / "new.md").write_text(
-        "# Gearbox G4\n\nThe G4 gearbox needs oil GX-3141 every 500 hours.\n"
-    )
+    edit_small_corpus(src)
     upd = Index.build([src], out, **kw)
     s = upd.build_stats
     assert (s.files_added, s.files_changed, s.files_deleted, s.files_unchanged) == (1, 1, 1, 2)
@@ -175,7 +156,7 @@ def test_incremental_update_and_delete(tmp_path: Path, emb: Embedder) -> None:
 def test_half_written_build_is_invisible(
     tmp_path: Path, emb: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = _small(tmp_path / "docs")
+    src = small_corpus(tmp_path / "docs")
     out = tmp_path / "idx"
     kw = {"embedder": emb, "chunk_tokens": CHUNK_TOKENS, "overlap": OVERLAP, "progress": False}
     Index.build([src], out, store=f"milvus:{tmp_path / 'm.db'}", **kw)
@@ -213,7 +194,7 @@ def test_half_written_build_is_invisible(
 def test_failed_batch_is_retried_then_reported(
     tmp_path: Path, emb: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = _small(tmp_path / "docs")
+    src = small_corpus(tmp_path / "docs")
     out = tmp_path / "idx"
     kw = {"embedder": emb, "chunk_tokens": CHUNK_TOKENS, "overlap": OVERLAP, "progress": False}
     before = Index.build([src], out, store=f"milvus:{tmp_path / 'm.db'}", **kw)
