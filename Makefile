@@ -64,7 +64,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/distances.py
 	$(PY) bench/quant.py
-	$(PY) bench/kernels.py
+	$(PY) bench/kernel_ops.py
 	$(PY) bench/ann.py --quick
 	$(PY) bench/rag.py --quick
 	$(PY) bench/train.py

@@ -16,7 +16,7 @@ Paths of nf4_matmul on CUDA (the rule):
   while the GEMM is memory-bound and costs ALU time once it is compute-bound; dequantizing once into a 16-bit
   buffer and calling cuBLAS costs 4 extra bytes of traffic per weight. Which one wins depends on the GPU, so
   `large_m_path` times both once per (M bucket, N, K, dtype) on the first call and caches the winner; set
-  LARGE_M_PATH to 'fused' or 'dequant' to force one. bench/kernels.py prints both for every shape.
+  LARGE_M_PATH to 'fused' or 'dequant' to force one. bench/kernel_ops.py prints both for every shape.
 """
 
 from __future__ import annotations

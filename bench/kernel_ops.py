@@ -1,7 +1,10 @@
 """NF4 matmul and LoRA forward+backward: phi3fast.kernels vs bitsandbytes (+ PEFT-style LoRA) vs dense matmul.
 
-    python bench/kernels.py            # CUDA: all Phi-3-mini shapes; CPU: 2 shapes, M in (1, 16)
-    python bench/kernels.py --full     # CPU: every shape and M (slow)
+(Named kernel_ops.py, not kernels.py: a script's folder comes first on sys.path, and bitsandbytes imports a
+package called `kernels`, which a bench/kernels.py would shadow for every bench script.)
+
+    python bench/kernel_ops.py            # CUDA: all Phi-3-mini shapes; CPU: 2 shapes, M in (1, 16)
+    python bench/kernel_ops.py --full     # CPU: every shape and M (slow)
 
 Phi-3-mini linear shapes (K, N): qkv (3072, 9216), o (3072, 3072), gate_up (3072, 16384), down (8192, 3072).
 Per shape and M, one row per implementation: time, TFLOP/s, GB/s (weight bytes as stored + activations), % of
