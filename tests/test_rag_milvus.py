@@ -317,6 +317,18 @@ def test_bad_store_uri(tmp_path: Path, store: str, message: str) -> None:
     assert message in result.stderr, result.stderr
 
 
+def test_cli_bad_export_target_fails_before_indexing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\nPart QX-1 fits the K7 compressor.\n")
+    for target, message in (("nope/x.parquet", "no such directory nope"), ("docs", "is a directory")):
+        args = ["index", "docs", "--out", "idx", "--export-parquet", target]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert message in result.stderr, result.stderr
+        assert not (tmp_path / "idx").exists()  # checked before the build, not after it
+
+
 def test_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     src = tmp_path / "docs"

@@ -57,7 +57,10 @@ def index_cmd(
 ) -> None:
     """Index documents (.md .txt .rst .html .pdf .jsonl) for `phi3fast query`; re-runs are incremental."""
     from phi3fast.rag import Index
+    from phi3fast.rag.index import check_export_target
 
+    if export_parquet is not None:
+        check_export_target(export_parquet)
     index = Index.build(
         list(paths),
         out,

@@ -141,6 +141,17 @@ def _open_backend(path: Path, manifest: dict) -> Backend:
     raise Phi3FastError(f"{path / MANIFEST}: unknown store kind {kind!r} (a newer phi3fast wrote it?)")
 
 
+def check_export_target(out: str | Path) -> Path:
+    """The --export-parquet target must be a file name in an existing directory. The CLI checks it before a
+    build too, so a long indexing run is not followed by a failed export."""
+    out = Path(out)
+    if out.is_dir():
+        raise Phi3FastError(f"--export-parquet {out}: is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise Phi3FastError(f"--export-parquet {out}: no such directory {out.parent}")
+    return out
+
+
 class Index:
     """An opened index. Thread-safe for searches."""
 
@@ -260,11 +271,7 @@ class Index:
             import pyarrow.parquet as pq
         except ImportError:
             raise Phi3FastError("--export-parquet needs pyarrow: pip install 'phi3fast[milvus]'") from None
-        out = Path(out)
-        if out.is_dir():
-            raise Phi3FastError(f"--export-parquet {out}: is a directory; give a file name")
-        if not out.parent.is_dir():
-            raise Phi3FastError(f"--export-parquet {out}: no such directory {out.parent}")
+        out = check_export_target(out)
         types = {"id": pa.int64(), "vector": pa.list_(pa.float32()), "start": pa.int64(), "end": pa.int64()}
         schema = pa.schema([(c, types.get(c, pa.string())) for c in EXPORT_COLUMNS])
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
