@@ -173,3 +173,13 @@ def test_custom_sentence_transformers_module(custom_code_model: Path, tmp_path: 
     texts = ["pump oil grade", "relief valve at 12 bar"]
     ref = Embedder.shared(str(custom_code_model), trust_remote_code=True)
     np.testing.assert_allclose(emb.encode(texts), ref.encode(texts), rtol=0, atol=1e-6)
+
+
+def test_loading_an_embedder_draws_no_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    emb = Embedder()  # a fresh load, not the shared instance
+    assert emb.dim == 384
+    assert "Loading weights" not in capsys.readouterr().err  # it would land in the middle of query output
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored

@@ -12,6 +12,7 @@ opening an index with another embedder is an error rather than silently bad resu
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,6 +71,21 @@ def canonical_name(name: str | None) -> str:
     return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
+@contextlib.contextmanager
+def _quiet_transformers_progress() -> Iterator[None]:
+    """transformers 5 draws a "Loading weights" bar for every model it loads; an embedder loads in a fraction of a
+    second, and the bar would land in the middle of `phi3fast query` output. The user's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 _SHARED: dict[tuple, Embedder] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -111,9 +127,10 @@ class Embedder:
         try:
             # trust_remote_code: models such as jina-embeddings ship their own modelling code; it runs only when
             # the user asked for it (--trust-remote-code).
-            self.model = SentenceTransformer(
-                _resolve(self.name), device=device, trust_remote_code=trust_remote_code
-            )  # device None: CUDA if present
+            with _quiet_transformers_progress():
+                self.model = SentenceTransformer(
+                    _resolve(self.name), device=device, trust_remote_code=trust_remote_code
+                )  # device None: CUDA if present
         except Phi3FastError:
             raise
         except Exception as e:  # a missing folder, no network for a hub name, a broken config
