@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,9 +158,9 @@ def file_bytes(save: Callable[[str], None]) -> int:
         return os.path.getsize(p)
 
 
-def build_phi3fast(ds: Dataset, storage: str) -> tuple[Searcher, int]:
-    ix = hnsw.Index(ds.space, ds.data.shape[1])
-    ix.init_index(len(ds.data), M=M, ef_construction=EF_CONSTRUCTION, storage=storage)
+def _build_hnswlib_api(ix: Any, ds: Dataset, **init: object) -> tuple[Searcher, int]:
+    """Build and search through hnswlib's Python API, which phi3fast.hnsw shares: the same calls for both."""
+    ix.init_index(len(ds.data), M=M, ef_construction=EF_CONSTRUCTION, **init)
     ix.add_items(ds.data, num_threads=-1)
 
     def search(ef: int) -> np.ndarray:
@@ -167,20 +168,16 @@ def build_phi3fast(ds: Dataset, storage: str) -> tuple[Searcher, int]:
         return ix.knn_query(ds.queries, k=K, num_threads=1)[0]
 
     return search, file_bytes(ix.save_index)
+
+
+def build_phi3fast(ds: Dataset, storage: str) -> tuple[Searcher, int]:
+    return _build_hnswlib_api(hnsw.Index(ds.space, ds.data.shape[1]), ds, storage=storage)
 
 
 def build_hnswlib(ds: Dataset) -> tuple[Searcher, int]:
     import hnswlib
 
-    ix = hnswlib.Index(ds.space, ds.data.shape[1])
-    ix.init_index(len(ds.data), M=M, ef_construction=EF_CONSTRUCTION)
-    ix.add_items(ds.data, num_threads=-1)
-
-    def search(ef: int) -> np.ndarray:
-        ix.set_ef(ef)
-        return ix.knn_query(ds.queries, k=K, num_threads=1)[0]
-
-    return search, file_bytes(ix.save_index)
+    return _build_hnswlib_api(hnswlib.Index(ds.space, ds.data.shape[1]), ds)
 
 
 def build_faiss(ds: Dataset) -> tuple[Searcher, int]:

@@ -7,6 +7,7 @@ argument checks below, so every backend rejects bad input with the same message.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -186,22 +187,32 @@ def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     return out
 
 
+def _tiled_gemm(
+    a: Tensor, w: NF4Weight, dec: Decoder, chunks: list[slice], decode: Callable[[slice], Tensor], out: Tensor
+) -> Tensor:
+    """out[:, c] = a @ decode(c) for every chunk c of W, where decode(c) dequantizes W's part c into dec's tile.
+
+    Small M (decode-bound): everything on one intra-op thread. Large M (GEMM-bound): the decode on one thread,
+    the matmuls on all (see phi3fast.quant.one_cpu_thread)."""
+    small = a.shape[0] <= SMALL_M
+    with one_cpu_thread(a.device, small):
+        for c in chunks:
+            with one_cpu_thread(a.device, not small):
+                right = decode(c)
+            if len(chunks) == 1:
+                torch.mm(a, right, out=out)
+            else:
+                out[:, c] = a @ right
+    return out
+
+
 def _matmul_rows(x2: Tensor, w: NF4Weight) -> Tensor:
     """x2 [M, K] @ W^T, one chunk of output columns (rows of W) at a time."""
     n, k = w.shape
     chunks = _row_chunks(n, k, _chunk(x2.shape[0]))
     dec = _workspace(w, x2.dtype, chunks, k)
     out = x2.new_empty((x2.shape[0], n))
-    small = x2.shape[0] <= SMALL_M
-    with one_cpu_thread(x2.device, small):
-        for rows in chunks:
-            with one_cpu_thread(x2.device, not small):
-                tile = dequantize_tile(w, dec, rows, slice(0, k))
-            if len(chunks) == 1:
-                torch.mm(x2, tile.t(), out=out)
-            else:
-                out[:, rows] = x2 @ tile.t()
-    return out
+    return _tiled_gemm(x2, w, dec, chunks, lambda rows: dequantize_tile(w, dec, rows, slice(0, k)).t(), out)
 
 
 def nf4_matmul(x: Tensor, w: NF4Weight) -> Tensor:
@@ -223,15 +234,7 @@ def lora_dx(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None)
     chunks = _col_chunks(n, k, w.blocksize, _chunk(g2.shape[0]))
     dec = _workspace(w, g2.dtype, chunks, n)
     dx = g2.new_empty((g2.shape[0], k))
-    small = g2.shape[0] <= SMALL_M
-    with one_cpu_thread(g2.device, small):
-        for cols in chunks:
-            with one_cpu_thread(g2.device, not small):
-                tile = dequantize_tile(w, dec, slice(0, n), cols)
-            if len(chunks) == 1:
-                torch.mm(g2, tile, out=dx)
-            else:
-                dx[:, cols] = g2 @ tile
+    _tiled_gemm(g2, w, dec, chunks, lambda cols: dequantize_tile(w, dec, slice(0, n), cols), dx)
     if lora is not None:
         u, a, scale = lora
         dx.addmm_(u, a, alpha=scale)
