@@ -20,7 +20,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(NATIVE_SRC)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "numpy>=1.24"
 	$(PIP) install -q --no-build-isolation -e ".[test,dev,bench]"
 	@# scikit-build-core's editable .pth also puts the repo root on sys.path, which would expose kernels/ as a
 	@# top-level module named `kernels` (bitsandbytes imports a PyPI package of that name). Its import hook
