@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 #   make test TORCH_SPEC="torch"   (or any CUDA build you prefer)
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.phi3fast-installed
-NATIVE_SRC := $(wildcard csrc/*.h csrc/*.hpp csrc/*.cpp)
+NATIVE_SRC := $(wildcard csrc/*/*.h csrc/*/*.cpp)
 DEMO_OUT ?= demo-out
 
 .PHONY: all demo test dev lint bench report clean

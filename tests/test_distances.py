@@ -1,4 +1,4 @@
-"""The SIMD distance kernels in csrc/distances.h against numpy, on every SIMD level this CPU supports."""
+"""The SIMD distance kernels in csrc/hnsw/distances.h against numpy, on every SIMD level this CPU supports."""
 
 from __future__ import annotations
 

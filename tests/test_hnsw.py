@@ -287,7 +287,7 @@ def test_float64_and_int_input_are_converted(small: hnsw.Index) -> None:
 
 @pytest.mark.parametrize("storage", ["float32", "int8"])
 def test_resize_keeps_vectors_and_graph(storage: str) -> None:
-    # resize_index moves the link, vector and label arrays to a new mapping (csrc/memory.h)
+    # resize_index moves the link, vector and label arrays to a new mapping (csrc/hnsw/memory.h)
     data = clustered(400, 17)
     ix = hnsw.Index("l2", 17)
     ix.init_index(400, M=8, ef_construction=60, storage=storage)

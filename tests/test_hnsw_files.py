@@ -195,7 +195,7 @@ def test_loads_hnswlib_files(tmp_path: Path, space: str) -> None:
 @pytest.mark.parametrize("space", ["l2", "cosine"])
 @pytest.mark.parametrize("ef", [1, 10, 64])
 def test_beam_search_matches_hnswlib_on_its_graph(tmp_path: Path, space: str, ef: int) -> None:
-    # No deletes, no filter: our search runs the sorted beam (csrc/hnsw_search.h), not hnswlib's two heaps.
+    # No deletes, no filter: our search runs the sorted beam (csrc/hnsw/hnsw_search.h), not hnswlib's two heaps.
     # On hnswlib's own graph it must visit the same nodes and so return exactly hnswlib's answers.
     theirs = hnswlib.Index(space, DIM)
     theirs.init_index(1700, M=8, ef_construction=60)

@@ -1,9 +1,7 @@
 // Python classes Index and BFIndex: hnswlib 0.8's Python API over phi3fast::HnswIndex / BruteForceIndex.
-// Included once, by bindings.cpp. Every method validates its numpy inputs with the GIL held, then releases
-// the GIL before touching the index (so a filter callable can re-take it from worker threads without
+// Its own translation unit; module.cpp calls bind_index. Every method validates its numpy inputs with the GIL
+// held, then releases the GIL before touching the index (so a filter callable can re-take it from worker threads without
 // deadlock), and worker exceptions are re-raised here on the calling thread.
-#pragma once
-
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,8 +12,9 @@
 #include <unordered_set>
 #include <vector>
 
-#include "bruteforce.h"
-#include "index_file.h"
+#include "hnsw/bruteforce.h"
+#include "hnsw/index_file.h"
+#include "python/bindings.h"
 
 namespace py = pybind11;
 
@@ -406,7 +405,7 @@ inline py::tuple reduce_newobj(const py::object& self, int /*protocol*/) {
   return py::make_tuple(newobj, py::make_tuple(py::type::of(self)), self.attr("__getstate__")());
 }
 
-inline void bind_index(py::module_& m) {
+void bind_index(py::module_& m) {
   using phi3fast::bind::PyBFIndex;
   using phi3fast::bind::PyIndex;
   namespace pf = phi3fast;

@@ -11,7 +11,7 @@
 
 #include "fileio.h"
 #include "filter.h"
-#include "parallel.h"
+#include "common/parallel.h"
 #include "vector_space.h"
 
 namespace phi3fast {

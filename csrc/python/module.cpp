@@ -7,8 +7,8 @@
 #include <optional>
 #include <string>
 
-#include "distances.h"
-#include "index_bindings.h"
+#include "hnsw/distances.h"
+#include "python/bindings.h"
 
 namespace py = pybind11;
 using phi3fast::DistanceFunctions;
