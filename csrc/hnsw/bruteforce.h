@@ -91,9 +91,18 @@ class BruteForceIndex {
     if (k == 0) return 0;
     const Query qq = vs_.prepare(q);
     const size_t n = labels_.size();
-    for (size_t i = 0; i < n; ++i) {
-      if (filt && !filt->allows(i, labels_[i])) continue;
-      push_topk(heap, k, std::pair<float, size_t>(vs_.dist(qq, reinterpret_cast<const uint8_t*>(&data_[i * vs_.dim])), i));
+    auto dist = [&](size_t i) { return vs_.dist(qq, reinterpret_cast<const uint8_t*>(&data_[i * vs_.dim])); };
+    if (filt && !filt->has_bits()) {
+      // A callable filter (Python) is asked only about an element that would enter the current top k, as in
+      // hnswlib: the distance is the cheap test, the call the expensive one.
+      for (size_t i = 0; i < n; ++i) {
+        const float d = dist(i);
+        if (heap.size() >= k && !(d < heap.front().first)) continue;
+        if (filt->fn(labels_[i])) push_topk(heap, k, std::pair<float, size_t>(d, i));
+      }
+    } else {
+      for (size_t i = 0; i < n; ++i)
+        if (!filt || filt->test(i)) push_topk(heap, k, std::pair<float, size_t>(dist(i), i));
     }
     std::sort_heap(heap.begin(), heap.end());
     for (size_t i = 0; i < heap.size(); ++i) {
