@@ -112,17 +112,20 @@ def test_filter_bitset_against_concurrent_resize_and_add() -> None:
         ix.add_items(points(64, seed=1))
         allowed = np.arange(0, 64, 2)
         allowed_set = set(allowed.tolist())
-        q = points(3000, seed=2)
+        q = points(200_000, seed=2)  # a long query: the resize and add land between its rows
         bad = []
-        for round_ in range(12):
+        for round_ in range(6):
+            started = threading.Event()
             def query():
+                started.set()
                 labels, _ = ix.knn_query(q, k=3, filter=allowed, num_threads=1)
                 bad.extend(set(labels.ravel().tolist()) - allowed_set)
             t = threading.Thread(target=query)
             t.start()
+            started.wait()
             cap = ix.get_max_elements()
-            ix.resize_index(cap + 4000)
-            ix.add_items(points(4000, seed=10 + round_), np.arange(cap, cap + 4000))
+            ix.resize_index(cap + 1000)
+            ix.add_items(points(1000, seed=10 + round_), np.arange(cap, cap + 1000), num_threads=1)
             t.join()
         assert not bad, sorted(set(bad))[:10]
         print("ok", ix.get_current_count())
