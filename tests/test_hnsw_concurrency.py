@@ -134,6 +134,38 @@ def test_filter_bitset_against_concurrent_resize_and_add() -> None:
     assert out.startswith("ok")
 
 
+def test_bfindex_filter_against_concurrent_deletes() -> None:
+    # BFIndex's id filter is a bitset over positions, and delete_vector moves the last vector into the hole:
+    # a query running across deletes must not return the moved (disallowed) labels from allowed positions.
+    n = 4000
+    x = points(n, seed=31)
+    bf = hnsw.BFIndex("l2", DIM)
+    bf.init_index(n)
+    bf.add_items(x)
+    allowed = np.arange(0, n, 2)
+    allowed_set = set(allowed.tolist())
+    q = np.tile(x[n - 1 :: -2][:500], (40, 1))  # odd labels from the end: the ones deletes move into holes
+    bad: list[int] = []
+    gone = list(range(0, 1000, 2))
+    for round_ in range(5):  # each round: one long query, 100 deletes landing between its rows
+        started = threading.Event()
+
+        def query(started: threading.Event = started) -> None:
+            started.set()
+            labels, _ = bf.knn_query(q, k=1, filter=allowed, num_threads=1)
+            bad.extend(set(labels.ravel().tolist()) - allowed_set)
+
+        t = threading.Thread(target=query)
+        t.start()
+        started.wait()
+        for label in gone[100 * round_ : 100 * (round_ + 1)]:
+            bf.delete_vector(label)
+        t.join(timeout=120)
+    assert not bad, sorted(bad)[:10]
+    labels, _ = bf.knn_query(q[:500], k=1, filter=allowed)
+    assert set(labels.ravel().tolist()) <= allowed_set - set(gone)
+
+
 def test_copy_while_a_filtered_query_runs_does_not_deadlock() -> None:
     # Index(index) snapshots the graph under the index's exclusive lock; a filtered query holds the shared lock
     # and needs the GIL for each Python filter call, so the copy must wait without holding the GIL.

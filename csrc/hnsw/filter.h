@@ -14,6 +14,13 @@ struct Filter {
   std::vector<uint64_t> bits;
   size_t allowed = 0;  // set bits
   std::function<bool(uint64_t)> fn;
+  // What the bitset was resolved from (borrowed from the caller for the query's duration) and the index's
+  // layout version then: an index whose ids changed meaning meanwhile resolves it again (BruteForceIndex).
+  const uint64_t* src_ids = nullptr;
+  size_t src_n = 0;
+  const bool* src_mask = nullptr;
+  size_t src_len = 0;
+  uint64_t version = 0;
 
   // An empty bitset with room for internal ids [0, capacity).
   static Filter bitset(size_t capacity) {
