@@ -25,9 +25,19 @@ def test_version_matches_metadata() -> None:
 
 
 def test_help_lists_only_registered_verbs() -> None:
+    # Every verb the README documents is registered, and --help lists exactly the registered ones.
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    assert "info" in result.output
+    listed = [
+        ln.split()[0] for ln in result.output.split("Commands:", 1)[1].splitlines() if ln.startswith("  ")
+    ]
+    assert sorted(listed) == sorted(main.commands), listed
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    documented = {v for v in main.commands if f"`phi3fast {v}" in readme}
+    assert documented == set(main.commands), (
+        f"not in the README's CLI table: {set(main.commands) - documented}"
+    )
+    assert {"info", "init-tiny", "train", "generate", "merge", "index", "query"} <= set(main.commands)
 
 
 def test_python_dash_m() -> None:
