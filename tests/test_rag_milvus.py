@@ -68,7 +68,8 @@ def test_same_recall_and_rankings_as_builtin(pair: tuple[Index, Index]) -> None:
     m5 = [milvus.search(q["question"], k=5) for q in QUESTIONS]
     b_hits = [hit(r, q) for r, q in zip(b5, QUESTIONS, strict=True)]
     m_hits = [hit(r, q) for r, q in zip(m5, QUESTIONS, strict=True)]
-    assert sum(m_hits) == sum(b_hits) and sum(b_hits) / len(QUESTIONS) >= 0.9, (b_hits, m_hits)
+    # The README: "hybrid recall@5 26/26 on the test corpus with both stores".
+    assert len(QUESTIONS) == 26 and all(m_hits) and all(b_hits), (b_hits, m_hits)
     # Dense search is the same HNSW/cosine problem in both: the same chunks in the same order, same scores.
     for q in QUESTIONS:
         bd = builtin.search(q["question"], k=5, mode="dense")
