@@ -12,6 +12,7 @@ number of clients, so every error counts as a failure (the script exits 1).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,7 @@ def main() -> None:
             for c in counts:
                 row = {"mode": mode, "max_batch": max_batch, "model": name, "max_tokens": args.max_tokens}
                 row.update(run_clients(url, name, c, args.requests, args.max_tokens))
+                row["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: context for the figures
                 rows.append(row)
                 print_table([row], ["mode", "clients", "requests", "completion_tokens", "tokens_per_s",
                                     "ttft_p50_s", "ttft_p95_s", "errors"])  # fmt: skip

@@ -152,7 +152,9 @@ class Engine:
         self.pool.reserve(n)
         self.bank.set_rows([job.adapter])
         ids = torch.tensor([job.prompt], device=self.model.device)
-        logits = self.model(ids, kv_cache=self.pool.prefill_view(slot))[0, -1]
+        # lm_head on the last position only: the other prompt positions' logits are never used.
+        h = self.model.hidden_states(ids, kv_cache=self.pool.prefill_view(slot))
+        logits = self.model.lm_head(h[0, -1])
         gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
         seq = _Seq(job, gen, length=n)
         with self._cond:

@@ -82,14 +82,19 @@ class DecodeView:
 
     def __init__(self, pool: SlotPool, positions: Tensor) -> None:
         self.pool = pool
-        self.positions = positions
-        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        b = positions.shape[0]
+        _, _, kv, cap, _ = pool.k.shape
+        # Row (slot b, head h, position p) of one layer's cache seen as [slots * kv * cap, hd]: a plain
+        # index_copy_ then writes every new key, where indexing by (slot, position) pairs is many times slower.
+        heads = torch.arange(kv, device=positions.device)
+        slots = torch.arange(b, device=positions.device)
+        self.dest = ((slots[:, None] * kv + heads[None, :]) * cap + positions[:, None]).reshape(-1)
         self.span = int(positions.max()) + 1
         self.length = 0  # unused by the caller (the decode step builds its own mask)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        b = k.shape[0]
-        # k: [B, kv, 1, hd]; advanced indexing on (slot, position) puts the [B, kv, hd] rows in place.
-        self.pool.k[layer, self.rows, :, self.positions] = k[:, :, 0]
-        self.pool.v[layer, self.rows, :, self.positions] = v[:, :, 0]
-        return self.pool.k[layer, :b, :, : self.span], self.pool.v[layer, :b, :, : self.span]
+        b, kv, _, hd = k.shape
+        pk, pv = self.pool.k[layer], self.pool.v[layer]
+        pk.view(-1, hd).index_copy_(0, self.dest, k.reshape(b * kv, hd))
+        pv.view(-1, hd).index_copy_(0, self.dest, v.reshape(b * kv, hd))
+        return pk[:b, :, : self.span], pv[:b, :, : self.span]
