@@ -30,6 +30,9 @@ from phi3fast.serve.kvpool import SlotPool
 Event = tuple[str, object]
 
 
+PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward pass: bounds its activation memory
+
+
 class QueueFull(Exception):
     """More requests than running slots plus the queue limit."""
 
@@ -125,12 +128,7 @@ class Engine:
                         admit.append(self._waiting.popleft())
                     self._admitting = len(admit)
                 try:
-                    for job in admit:
-                        if job.cancelled.is_set():
-                            with self._cond:
-                                self._admitting -= 1
-                        else:
-                            self._prefill(job)
+                    self._prefill_all(admit)
                     self._drop_done()
                     if self._running:
                         self._decode_step()
@@ -146,21 +144,58 @@ class Engine:
                         self._admitting = 0
                     self.bank.clear_rows()
 
-    def _prefill(self, job: Job) -> None:
-        slot = len(self._running)
-        n = len(job.prompt)
-        self.pool.reserve(n)
-        self.bank.set_rows([job.adapter])
-        ids = torch.tensor([job.prompt], device=self.model.device)
-        # lm_head on the last position only: the other prompt positions' logits are never used.
-        h = self.model.hidden_states(ids, kv_cache=self.pool.prefill_view(slot))
-        logits = self.model.lm_head(h[0, -1])
-        gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-        seq = _Seq(job, gen, length=n)
+    def _prefill_all(self, jobs: list[Job]) -> None:
+        """Prefill the admitted prompts together, in groups of at most PREFILL_TOKENS padded tokens."""
+        live = [j for j in jobs if not j.cancelled.is_set()]
         with self._cond:
-            self._running.append(seq)
-            self._admitting -= 1
-        self._advance(seq, logits[None])
+            self._admitting -= len(jobs) - len(live)
+        group: list[Job] = []
+        for job in live:
+            longest = max([len(job.prompt), *(len(j.prompt) for j in group)])
+            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(job)
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward pass over the prompts (right-padded to the longest), each into its own new KV slot."""
+        model = self.model
+        lengths = [len(j.prompt) for j in jobs]
+        b, t = len(jobs), max(lengths)
+        self.pool.reserve(t)
+        self.bank.set_rows([j.adapter for j in jobs])
+        view = self.pool.prefill_view(len(self._running), b)
+        if b == 1:  # exactly the forward pass phi3fast.generate runs for a prompt
+            h = model.hidden_states(torch.tensor([jobs[0].prompt], device=model.device), kv_cache=view)[:, -1]
+        else:
+            ids = torch.zeros((b, t), dtype=torch.long, device=model.device)
+            for i, j in enumerate(jobs):
+                ids[i, : lengths[i]] = torch.tensor(j.prompt)
+            lens = torch.tensor(lengths, device=model.device)
+            pos = torch.arange(t, device=model.device)
+            h = model.embed_tokens(ids)
+            cos, sin = model.rotary(pos.expand(b, t), h.dtype)
+            # Causal, and no key past a row's own prompt: the padding never reaches a real position (a padded
+            # query row still sees position 0, so no row of the mask is empty).
+            mask = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < lens[:, None, None])
+            window = model.config.sliding_window
+            if window is not None:
+                mask = mask & (pos[None, :] > pos[:, None] - window)[None]
+            for layer in model.layers:
+                h = layer(h, cos, sin, mask[:, None], False, view)
+            h = model.norm(h[torch.arange(b, device=model.device), lens - 1])
+        logits = model.lm_head(h)  # the last prompt position of each row only
+        seqs = []
+        for job, n in zip(jobs, lengths, strict=True):
+            gen = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+            seqs.append(_Seq(job, gen, length=n))
+        with self._cond:
+            self._running.extend(seqs)
+            self._admitting -= b
+        for i, seq in enumerate(seqs):
+            self._advance(seq, logits[i : i + 1])
 
     def _decode_step(self) -> None:
         model, run = self.model, self._running

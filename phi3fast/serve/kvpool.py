@@ -55,25 +55,26 @@ class SlotPool:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def prefill_view(self, slot: int) -> PrefillView:
-        return PrefillView(self, slot)
+    def prefill_view(self, first: int, count: int = 1) -> PrefillView:
+        return PrefillView(self, first, count)
 
     def decode_view(self, positions: Tensor) -> DecodeView:
         return DecodeView(self, positions)
 
 
 class PrefillView:
-    """A whole prompt of one sequence, written into its slot from position 0."""
+    """Whole prompts of `count` new sequences (right-padded to one length), written into slots
+    first..first+count-1 from position 0."""
 
-    def __init__(self, pool: SlotPool, slot: int) -> None:
-        self.pool, self.slot = pool, slot
+    def __init__(self, pool: SlotPool, first: int, count: int) -> None:
+        self.pool, self.first, self.last = pool, first, first + count
         self.length = 0  # the model's forward reads it as the number of cached positions before this call
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        t, s = k.shape[2], self.slot
-        self.pool.k[layer, s : s + 1, :, :t] = k
-        self.pool.v[layer, s : s + 1, :, :t] = v
-        return self.pool.k[layer, s : s + 1, :, :t], self.pool.v[layer, s : s + 1, :, :t]
+        t, a, b = k.shape[2], self.first, self.last
+        self.pool.k[layer, a:b, :, :t] = k
+        self.pool.v[layer, a:b, :, :t] = v
+        return self.pool.k[layer, a:b, :, :t], self.pool.v[layer, a:b, :, :t]
 
 
 class DecodeView:
