@@ -89,6 +89,13 @@ def test_wrong_types_are_400_naming_the_field(
     _alive(server)
 
 
+def test_null_fields_mean_not_given(server: ThreadServer) -> None:
+    body = {"model": BASE, "messages": HELLO, "max_tokens": 2, "n": None, "stream": None, "stop": None,
+            "temperature": None, "seed": None, "rag": None, "stream_options": None}  # fmt: skip
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_sdk_raises_bad_request(client) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=BASE, messages=HELLO, temperature=-1)

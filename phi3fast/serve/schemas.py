@@ -107,6 +107,7 @@ class ChatRequest:
 
 
 def chat_request(obj: dict[str, Any]) -> ChatRequest:
+    obj = {k: v for k, v in obj.items() if v is not None}  # null means "not given", as OpenAI reads it
     model = _str(obj, "model")
     messages = _messages(obj)
     stream = obj.get("stream", False)
@@ -171,6 +172,7 @@ class EmbeddingRequest:
 
 
 def embedding_request(obj: dict[str, Any]) -> EmbeddingRequest:
+    obj = {k: v for k, v in obj.items() if v is not None}
     model = _str(obj, "model")
     inp = obj.get("input")
     if isinstance(inp, str):
