@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 
 import pytest
@@ -46,15 +47,19 @@ def _body(max_tokens: int, stream: bool) -> dict:
     return {"model": BASE, "messages": MESSAGES, "temperature": 0, "max_tokens": max_tokens, "stream": stream}
 
 
-def _wait_idle(srv: ThreadServer) -> None:
-    """Until the engine has neither running nor queued requests (each poll waits on the server's reply)."""
+def _wait_for(srv: ThreadServer, ready, what: str) -> None:  # noqa: ANN001
+    """Until ready(health) holds (each poll waits on the server's reply; bounded in polls, not in time)."""
     event = threading.Event()
     for _ in range(10_000):
         h = httpx.get(srv.url + "/health").json()
-        if h["running"] == 0 and h["queued"] == 0:
+        if ready(h):
             return
         event.wait(0.005)
-    raise AssertionError(f"the engine never became idle: {h}")
+    raise AssertionError(f"the engine never became {what}: {h}")
+
+
+def _wait_idle(srv: ThreadServer) -> None:
+    _wait_for(srv, lambda h: h["running"] == 0 and h["queued"] == 0, "idle")
 
 
 def test_full_server_sheds_load_with_429_and_stays_up(one_slot: ThreadServer) -> None:
@@ -83,6 +88,21 @@ def test_disconnect_mid_stream_frees_the_slot(one_slot: ThreadServer) -> None:
     assert engine.steps - steps < LONG - 1
     client = openai.OpenAI(base_url=one_slot.url + "/v1", api_key="x", max_retries=0)
     assert client.chat.completions.create(**_body(3, False)).usage.completion_tokens == 3
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(one_slot: ThreadServer) -> None:
+    engine = one_slot.service.engine
+    steps = engine.steps
+    # A non-streaming client that hangs up once its request is running, before the answer is complete.
+    body = json.dumps(_body(LONG, False)).encode()
+    host, port = one_slot.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    _wait_for(one_slot, lambda h: h["running"] == 1, "busy")
+    sock.close()
+    _wait_idle(one_slot)
+    assert engine.steps - steps < LONG - 1
 
 
 def test_sigterm_finishes_in_flight_and_exits_0(tiny) -> None:

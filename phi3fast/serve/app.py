@@ -13,9 +13,10 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -89,8 +90,7 @@ def create_app(
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        async for _ in pieces:
-            pass
+        await _unless_disconnected(request, _drain(pieces))
         body = {
             "id": cid,
             "object": "chat.completion",
@@ -174,6 +174,31 @@ def create_app(
     ]
     handlers = {APIError: api_error, HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+
+
+async def _drain(pieces: AsyncIterator[str]) -> None:
+    async for _ in pieces:
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, None]) -> None:
+    """Run work, cancelling it if the client hangs up first (its sequence then leaves the batch)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise APIError(499, "the client closed the connection")
+    task.result()
 
 
 async def _sse(
