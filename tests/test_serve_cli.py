@@ -23,7 +23,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
         (["--adapter", "a=/nonexistent/adapter"], "adapter_config.json: missing"),
         (["--adapter", "tiny=/nonexistent"], "is the base model's name"),
         (["--index", "docs=/nonexistent/index"], "/nonexistent/index"),
-        (["--max-context", "100000"], "max_context must be from 2 to"),
+        (["--max-context", "100000"], "--max-context must be from 2 to"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tiny, extra: list[str], message: str) -> None:

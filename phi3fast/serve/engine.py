@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from phi3fast.generate import sample, stop_ids
+from phi3fast.generate import sample
+from phi3fast.model.chat import stop_ids
 from phi3fast.model import Phi3ForCausalLM
 from phi3fast.serve.adapters import Adapter, AdapterBank
 from phi3fast.serve.kvpool import SlotPool

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from phi3fast.generate import chat_prompt_ids
+from phi3fast.model.chat import chat_prompt_ids
 from phi3fast.rag.answer import build_messages, cited, fit_passages
 
 if TYPE_CHECKING:

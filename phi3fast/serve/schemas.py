@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from phi3fast.generate import ROLES
+from phi3fast.model.chat import ROLES
 from phi3fast.serve.errors import APIError, bad_request
 
 MAX_STOPS = 4  # OpenAI's limit on `stop`

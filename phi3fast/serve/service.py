@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phi3fast.errors import Phi3FastError
-from phi3fast.generate import chat_prompt_ids
+from phi3fast.errors import ArgumentError, Phi3FastError
+from phi3fast.model.chat import chat_prompt_ids
 from phi3fast.model import Phi3ForCausalLM
 from phi3fast.serve.adapters import Adapter, AdapterBank, read_adapter
 from phi3fast.serve.engine import Engine, Job, QueueFull
@@ -59,9 +59,11 @@ class Service:
         if max_context is None:
             max_context = limit
         if not 2 <= max_context <= limit:
-            raise Phi3FastError(f"max_context must be from 2 to {limit} for this model, got {max_context}")
-        if max_batch < 1 or max_queue < 0:
-            raise Phi3FastError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
+            raise ArgumentError("max_context", f"must be from 2 to {limit} for this model, got {max_context}")
+        if max_batch < 1:
+            raise ArgumentError("max_batch", f"must be >= 1, got {max_batch}")
+        if max_queue < 0:
+            raise ArgumentError("max_queue", f"must be >= 0, got {max_queue}")
         self.model, self.base_name, self.max_context = model, base_name, max_context
         self.bank = AdapterBank(model)
         for name, path in (adapters or {}).items():
