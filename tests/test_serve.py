@@ -16,8 +16,8 @@ from model_helpers import make_tiny  # noqa: E402
 from serve_helpers import BASE, ThreadServer, httpx, make_adapter, make_index  # noqa: E402
 
 from phi3fast.generate import generate_text  # noqa: E402
-from phi3fast.model.chat import chat_prompt_ids  # noqa: E402
 from phi3fast.model import load  # noqa: E402
+from phi3fast.model.chat import chat_prompt_ids  # noqa: E402
 from phi3fast.rag.answer import AnswerConfig, cited, stream_answer  # noqa: E402
 from phi3fast.serve.service import Service  # noqa: E402
 

@@ -11,8 +11,8 @@ from model_helpers import make_tiny
 from serve_helpers import make_adapter
 
 from phi3fast.generate import generate_tokens
-from phi3fast.model.chat import chat_prompt_ids, stop_ids
 from phi3fast.model import load
+from phi3fast.model.chat import chat_prompt_ids, stop_ids
 from phi3fast.serve.adapters import AdapterBank, read_adapter
 from phi3fast.serve.engine import Engine, Job, QueueFull
 from phi3fast.serve.text import IncrementalDecoder, StopMatcher

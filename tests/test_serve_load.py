@@ -17,8 +17,8 @@ from model_helpers import make_tiny  # noqa: E402
 from serve_helpers import BASE, ThreadServer, httpx, serve_subprocess, stop_subprocess  # noqa: E402
 
 from phi3fast.generate import generate_tokens  # noqa: E402
-from phi3fast.model.chat import chat_prompt_ids, stop_ids  # noqa: E402
 from phi3fast.model import load  # noqa: E402
+from phi3fast.model.chat import chat_prompt_ids, stop_ids  # noqa: E402
 from phi3fast.serve.service import Service  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Count to a hundred."}]

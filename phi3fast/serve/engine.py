@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from phi3fast.generate import sample
-from phi3fast.model.chat import stop_ids
 from phi3fast.model import Phi3ForCausalLM
+from phi3fast.model.chat import stop_ids
 from phi3fast.serve.adapters import Adapter, AdapterBank
 from phi3fast.serve.kvpool import SlotPool
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3fast.errors import ArgumentError, Phi3FastError
-from phi3fast.model.chat import chat_prompt_ids
 from phi3fast.model import Phi3ForCausalLM
+from phi3fast.model.chat import chat_prompt_ids
 from phi3fast.serve.adapters import Adapter, AdapterBank, read_adapter
 from phi3fast.serve.engine import Engine, Job, QueueFull
 from phi3fast.serve.errors import APIError, bad_request
