@@ -1,0 +1,154 @@
+"""The NF4 ops on CPU through the native kernels (csrc/nf4): x W^T with the LoRA term fused, and dY W.
+
+What they compute is what reference.py computes (the torch path, `_tiled_gemm`), with fp32 accumulation and
+activations in float32 or bfloat16; W is read as packed 4-bit codes and double-quantized scales, a panel at a
+time, never dequantized whole. The kernels pick AVX-512, AVX2 or scalar code at run time (PHI3FAST_SIMD caps it;
+`simd=` forces a level for tests) and run on `threads` threads (default: torch.get_num_threads()) with the GIL
+released.
+
+Weight views: each NF4Weight's tensor addresses and sizes are packed once into a native NF4View, cached per
+weight object (weakly: the cache never keeps a weight alive) together with the tensors it points into.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+if TYPE_CHECKING:
+    from phi3fast.quant import NF4Weight
+
+try:
+    from phi3fast import _hnsw as _native
+except ImportError:  # the package without its compiled module: the torch reference runs instead
+    _native = None
+
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the native kernels take
+_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def available() -> bool:
+    """True when the native module carries the NF4 kernels."""
+    return _native is not None and hasattr(_native, "nf4_linear")
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the native kernels take activations like x (CPU, float32 or bfloat16)."""
+    return available() and x.device.type == "cpu" and x.dtype in CPU_DTYPES
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def weight_view(w: NF4Weight):
+    """The cached native NF4View of w (checked with reference.check_weight once)."""
+    entry = _VIEWS.get(w)
+    if entry is None:
+        n, k = reference.check_weight(w)
+        if w.packed.device.type != "cpu":
+            raise reference.Phi3FastError(
+                f"the NF4 CPU kernels need a CPU weight, got one on {w.packed.device}"
+            )
+        packed = w.packed.detach().reshape(-1).contiguous()
+        if w.double_quant:
+            assert w.nested_code is not None and w.nested_absmax is not None and w.offset is not None
+            absmax = w.absmax.detach().reshape(-1).to(torch.uint8).contiguous()
+            nested_code, nested_absmax = _f32(w.nested_code), _f32(w.nested_absmax)
+            offset = float(w.offset)
+        else:
+            absmax = _f32(w.absmax).reshape(-1)
+            nested_code = nested_absmax = absmax  # never read without double quantization
+            offset = 0.0
+        view = _native.NF4View(
+            packed.data_ptr(), absmax.data_ptr(), w.double_quant, nested_code.data_ptr(),
+            nested_absmax.data_ptr(), offset, w.code.float().tolist(), n, k, w.blocksize,
+        )  # fmt: skip
+        entry = (view, (packed, absmax, nested_code, nested_absmax))
+        _VIEWS[w] = entry
+    return entry[0]
+
+
+def _rows(x: Tensor, k: int, name: str) -> Tensor:
+    reference.check_input(x, k, name)
+    if x.device.type != "cpu" or x.dtype not in CPU_DTYPES:
+        raise reference.Phi3FastError(
+            f"{name}: the NF4 CPU kernels take float32 or bfloat16 CPU tensors, got {x.dtype} on {x.device}"
+        )
+    return x.detach().reshape(-1, k).contiguous()
+
+
+def _threads(threads: int | None) -> int:
+    return torch.get_num_threads() if threads is None else int(threads)
+
+
+def linear(
+    x: Tensor,
+    w: NF4Weight,
+    lora: tuple[Tensor, Tensor, float] | None = None,
+    *,
+    simd: str | None = None,
+    threads: int | None = None,
+) -> Tensor:
+    """x [..., K] W^T (+ scale * t B^T with lora = (t [..., r], B [N, r], scale)) -> [..., N] in x's dtype."""
+    view = weight_view(w)
+    n, k = view.n, view.k
+    x2 = _rows(x, k, "x")
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype)
+    t_ptr = b_ptr = r = 0
+    scale = 0.0
+    if lora is not None:
+        t, b, scale = lora
+        r = b.shape[1] if b.dim() == 2 else -1
+        if b.dim() != 2 or b.shape[0] != n or t.shape[-1] != r or t.numel() != m * r:
+            raise reference.Phi3FastError(
+                f"LoRA operands t {tuple(t.shape)} and B {tuple(b.shape)}: expected t [..., r] with "
+                f"M={m} rows and B [N={n}, r]"
+            )
+        t, b = _f32(t).reshape(m, r), _f32(b)
+        t_ptr, b_ptr = t.data_ptr(), b.data_ptr()
+    _native.nf4_linear(
+        view, x2.data_ptr(), _NAMES[x2.dtype], m, out.data_ptr(), _NAMES[out.dtype], t_ptr, b_ptr, r,
+        float(scale), simd, _threads(threads),
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], n)
+
+
+def dx(
+    g: Tensor,
+    w: NF4Weight,
+    lora: tuple[Tensor, Tensor, float] | None = None,
+    *,
+    simd: str | None = None,
+    threads: int | None = None,
+) -> Tensor:
+    """dY [..., N] W (+ scale * u A with lora = (u [..., r], A [r, K], scale)) -> [..., K] in dY's dtype."""
+    view = weight_view(w)
+    n, k = view.n, view.k
+    g2 = _rows(g, n, "dY")
+    m = g2.shape[0]
+    out = torch.empty((m, k), dtype=g.dtype)
+    u_ptr = a_ptr = r = 0
+    scale = 0.0
+    if lora is not None:
+        u, a, scale = lora
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or a.shape[1] != k or u.shape[-1] != r or u.numel() != m * r:
+            raise reference.Phi3FastError(
+                f"LoRA operands u {tuple(u.shape)} and A {tuple(a.shape)}: expected u [..., r] with "
+                f"M={m} rows and A [r, K={k}]"
+            )
+        u, a = _f32(u).reshape(m, r), _f32(a)
+        u_ptr, a_ptr = u.data_ptr(), a.data_ptr()
+    _native.nf4_dx(
+        view, g2.data_ptr(), _NAMES[g2.dtype], m, out.data_ptr(), _NAMES[out.dtype], u_ptr, a_ptr, r,
+        float(scale), simd, _threads(threads),
+    )  # fmt: skip
+    return out.view(*g.shape[:-1], k)

@@ -1,0 +1,148 @@
+"""The native NF4 CPU kernels (csrc/nf4 via phi3fast.kernels.nf4_cpu) against fp32 torch oracles.
+
+Every SIMD level this CPU supports is run (simd=...), plus one subprocess under the PHI3FAST_SIMD cap. The oracle
+is computed in float64 from what the kernel sees: x as given (bf16 widened exactly) and W dequantized in fp32
+(code * scale, the reference's values), so the only differences are fp32 summation order and the output rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from phi3fast.kernels import nf4_cpu
+from test_kernels_nf4 import assert_close
+
+from phi3fast import _hnsw
+from phi3fast.errors import Phi3FastError
+from phi3fast.quant import quantize_nf4
+
+pytestmark = pytest.mark.skipif(not nf4_cpu.available(), reason="native module built without the NF4 kernels")
+
+LEVELS = list(_hnsw.supported_simd_levels())
+DTYPES = (torch.float32, torch.bfloat16)
+# (N, K, blocksize): K = 160 and 96 are not multiples of the AVX-512 step (32 weights) x 2, N = 96 / 160 leave a
+# partial 32-wide panel... within what the format allows (N and K multiples of the blocksize).
+WEIGHTS = [(96, 160, 32), (160, 96, 32), (192, 320, 64), (64, 128, 64)]
+MS = (1, 3, 17, 130)
+
+
+def make_weight(n: int, k: int, bs: int, double_quant: bool = True):
+    return quantize_nf4(torch.randn(n, k), blocksize=bs, double_quant=double_quant)
+
+
+def oracle(a: torch.Tensor, right: torch.Tensor, extra: tuple | None = None) -> torch.Tensor:
+    out = a.double() @ right.double()
+    if extra is not None:
+        left, r2, scale = extra
+        out += scale * (left.double() @ r2.double())
+    return out
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k,bs", WEIGHTS)
+def test_linear_matches_reference(simd: str, dtype: torch.dtype, n: int, k: int, bs: int) -> None:
+    w = make_weight(n, k, bs)
+    wd = w.dequantize(torch.float32)
+    for m in MS:
+        x = torch.randn(m, k).to(dtype)
+        y = nf4_cpu.linear(x, w, simd=simd)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert_close(y, oracle(x, wd.t()), dtype)
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_lora_fused(simd: str, dtype: torch.dtype) -> None:
+    n, k, r = 160, 96, 5
+    w = make_weight(n, k, 32, double_quant=False)
+    wd = w.dequantize(torch.float32)
+    a, b = torch.randn(r, k), torch.randn(n, r)
+    for m in MS:
+        x = torch.randn(2, m, k).to(dtype)  # a leading batch dimension: [..., K]
+        t = x.float() @ a.t()
+        y = nf4_cpu.linear(x, w, (t, b, 0.37), simd=simd)
+        assert y.shape == (2, m, n)
+        expected = oracle(x.reshape(-1, k), wd.t(), (t.reshape(-1, r), b.t(), 0.37))
+        assert_close(y.reshape(-1, n), expected, dtype)
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k,bs", WEIGHTS[:3])
+def test_dx_matches_reference(simd: str, dtype: torch.dtype, n: int, k: int, bs: int) -> None:
+    w = make_weight(n, k, bs)
+    wd = w.dequantize(torch.float32)
+    r = 7
+    a, b = torch.randn(r, k), torch.randn(n, r)
+    for m in MS:
+        g = torch.randn(m, n).to(dtype)
+        assert_close(nf4_cpu.dx(g, w, simd=simd), oracle(g, wd), dtype)
+        u = g.float() @ b
+        assert_close(nf4_cpu.dx(g, w, (u, a, 2.0), simd=simd), oracle(g, wd, (u, a, 2.0)), dtype)
+
+
+def test_matches_torch_reference_path() -> None:
+    """The native path and the torch reference (`_tiled_gemm`) agree on the same weight."""
+    from phi3fast.kernels import reference
+
+    w = make_weight(192, 320, 64)
+    for m in (1, 17):
+        x = torch.randn(m, 320)
+        assert_close(nf4_cpu.linear(x, w), reference.nf4_matmul(x, w), torch.float32)
+        g = torch.randn(m, 192)
+        assert_close(nf4_cpu.dx(g, w), reference.lora_dx(g, w, None), torch.float32)
+
+
+def test_thread_count_does_not_change_results() -> None:
+    """Each output element is summed by one task, so any thread count gives the same bits."""
+    w = make_weight(192, 320, 64)
+    for m in (1, 5, 40):
+        x = torch.randn(m, 320)
+        assert torch.equal(nf4_cpu.linear(x, w, threads=1), nf4_cpu.linear(x, w, threads=2))
+        g = torch.randn(m, 192)
+        assert torch.equal(nf4_cpu.dx(g, w, threads=1), nf4_cpu.dx(g, w, threads=3))
+
+
+def test_empty_rows() -> None:
+    w = make_weight(64, 128, 64)
+    assert nf4_cpu.linear(torch.randn(0, 128), w).shape == (0, 64)
+    assert nf4_cpu.dx(torch.randn(0, 64), w).shape == (0, 128)
+
+
+def test_simd_cap_from_environment() -> None:
+    """PHI3FAST_SIMD=scalar in a fresh process: the default path is then the scalar one, same results."""
+    code = (
+        "import torch; from phi3fast.kernels import nf4_cpu; from phi3fast.quant import quantize_nf4\n"
+        "torch.manual_seed(0); w = quantize_nf4(torch.randn(96, 160), blocksize=32)\n"
+        "x = torch.randn(3, 160)\n"
+        "print(float((nf4_cpu.linear(x, w) - nf4_cpu.linear(x, w, simd='scalar')).abs().max()))\n"
+        "try:\n    nf4_cpu.linear(x, w, simd='avx2')\nexcept ValueError as e:\n    print('refused', e)\n"
+    )
+    env = dict(os.environ, PHI3FAST_SIMD="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "0.0"  # capped default == forced scalar, bit for bit
+    assert lines[1].startswith("refused") and "not supported" in lines[1]
+
+
+def test_errors_are_clear() -> None:
+    w = make_weight(64, 128, 64)
+    with pytest.raises(Phi3FastError, match="last dimension must be K=128"):
+        nf4_cpu.linear(torch.randn(2, 127), w)
+    with pytest.raises(Phi3FastError, match="float32 or bfloat16"):
+        nf4_cpu.linear(torch.randn(2, 128).half(), w)
+    with pytest.raises(Phi3FastError, match="floating-point"):
+        nf4_cpu.linear(torch.ones(2, 128, dtype=torch.int32), w)
+    with pytest.raises(Phi3FastError, match="last dimension must be K=64"):
+        nf4_cpu.dx(torch.randn(2, 128), w)
+    with pytest.raises(Phi3FastError, match="LoRA operands"):
+        nf4_cpu.linear(torch.randn(2, 128), w, (torch.randn(2, 4), torch.randn(63, 4), 1.0))
+    with pytest.raises(Phi3FastError, match="LoRA operands"):
+        nf4_cpu.dx(torch.randn(2, 64), w, (torch.randn(2, 4), torch.randn(4, 127), 1.0))
+    with pytest.raises(ValueError, match="unknown SIMD level"):
+        nf4_cpu.linear(torch.randn(2, 128), w, simd="avx9")
