@@ -152,3 +152,26 @@ def dx(
         float(scale), simd, _threads(threads),
     )  # fmt: skip
     return out.view(*g.shape[:-1], k)
+
+
+def dense_linear(x: Tensor, weight: Tensor, *, simd: str | None = None, threads: int | None = None) -> Tensor:
+    """x [..., K] W^T for a dense CPU weight W [N, K] (float32 or bfloat16), fp32 accumulation, in x's dtype.
+
+    Meant for small M (decode's lm_head); large M belongs to torch's GEMM."""
+    if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in CPU_DTYPES:
+        raise reference.Phi3FastError(
+            f"weight: expected a 2-D float32/bfloat16 CPU tensor, got {tuple(weight.shape)} {weight.dtype} "
+            f"on {weight.device}"
+        )
+    n, k = weight.shape
+    x2 = _rows(x, k, "x")
+    w = weight.detach()
+    if not w.is_contiguous():
+        w = w.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype)
+    _native.dense_linear(
+        w.data_ptr(), _NAMES[w.dtype], n, k, x2.data_ptr(), _NAMES[x2.dtype], m, out.data_ptr(),
+        _NAMES[out.dtype], simd, _threads(threads),
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], n)

@@ -146,3 +146,18 @@ def test_errors_are_clear() -> None:
         nf4_cpu.dx(torch.randn(2, 64), w, (torch.randn(2, 4), torch.randn(4, 127), 1.0))
     with pytest.raises(ValueError, match="unknown SIMD level"):
         nf4_cpu.linear(torch.randn(2, 128), w, simd="avx9")
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_linear(simd: str, dtype: torch.dtype) -> None:
+    """The dense small-M product (decode's lm_head): K = 100 leaves a tail past every SIMD width."""
+    for n, k in [(333, 100), (64, 576)]:
+        w = torch.randn(n, k).to(dtype)
+        for m in (1, 3, 9, 17):
+            x = torch.randn(m, k).to(dtype)
+            assert_close(nf4_cpu.dense_linear(x, w, simd=simd), oracle(x, w.t()), dtype)
+    with pytest.raises(Phi3FastError, match="last dimension must be K=100"):
+        nf4_cpu.dense_linear(torch.randn(2, 99), torch.randn(5, 100))
+    with pytest.raises(Phi3FastError, match="2-D float32/bfloat16"):
+        nf4_cpu.dense_linear(torch.randn(2, 100), torch.randn(5, 100).half())

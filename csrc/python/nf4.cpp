@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/simd.h"
+#include "nf4/dense.h"
 #include "nf4/kernels.h"
 #include "python/bindings.h"
 
@@ -101,5 +102,19 @@ void bind_nf4(py::module_& m) {
       py::arg("lora_u") = 0, py::arg("lora_a") = 0, py::arg("r") = 0, py::arg("scale") = 0.f,
       py::arg("simd") = py::none(), py::arg("threads") = 0,
       "out[M, K] = dY[M, N] W (+ scale * u[M, r] A[r, K]); fp32 accumulation; GIL released.");
+  m.def(
+      "dense_linear",
+      [](uintptr_t w, const std::string& w_dtype, int64_t n, int64_t k, uintptr_t x, const std::string& x_dtype,
+         int64_t m_rows, uintptr_t out, const std::string& out_dtype, std::optional<std::string> simd, int threads) {
+        if (!w || !x || !out || m_rows < 0) throw std::invalid_argument("dense_linear: bad pointer or M");
+        const DType wdt = dtype_from_name(w_dtype), xdt = dtype_from_name(x_dtype), odt = dtype_from_name(out_dtype);
+        const phi3fast::SimdLevel s = pick_simd(simd);
+        py::gil_scoped_release release;
+        dense_linear(reinterpret_cast<const void*>(w), wdt, n, k, reinterpret_cast<const void*>(x), xdt, m_rows,
+                     reinterpret_cast<void*>(out), odt, s, threads);
+      },
+      py::arg("w"), py::arg("w_dtype"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("x_dtype"), py::arg("m"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("simd") = py::none(), py::arg("threads") = 0,
+      "out[M, N] = x[M, K] W[N, K]^T for a dense fp32/bf16 W, on the NF4 kernels' thread pool; GIL released.");
   m.def("nf4_max_threads", &ThreadPool::max_threads, "Threads the NF4 kernels use by default (every core).");
 }
