@@ -3,8 +3,8 @@
 What they compute is what reference.py computes (the torch path, `_tiled_gemm`), with fp32 accumulation and
 activations in float32 or bfloat16; W is read as packed 4-bit codes and double-quantized scales, a panel at a
 time, never dequantized whole. The kernels pick AVX-512, AVX2 or scalar code at run time (PHI3FAST_SIMD caps it;
-`simd=` forces a level for tests) and run on `threads` threads (default: torch.get_num_threads()) with the GIL
-released.
+`simd=` forces a level for tests) and run on `threads` threads (default: torch.get_num_threads(), or the count
+pinned by `pinned_threads`) with the GIL released.
 
 Weight views: each NF4Weight's tensor addresses and sizes are packed once into a native NF4View, cached per
 weight object (weakly: the cache never keeps a weight alive) together with the tensors it points into.
@@ -13,6 +13,8 @@ weight object (weakly: the cache never keeps a weight alive) together with the t
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,8 +86,26 @@ def _rows(x: Tensor, k: int, name: str) -> Tensor:
     return x.detach().reshape(-1, k).contiguous()
 
 
+_THREADS: list[int] = []  # a stack of thread counts pinned by `pinned_threads`
+
+
+@contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """Run the native kernels on `threads` threads inside the block, whatever torch's intra-op setting is.
+
+    The decode loop runs torch's own small ops on one thread (an OpenMP region per tiny op waits for descheduled
+    workers on a busy machine) while the native kernels keep every core on their own pool."""
+    _THREADS.append(int(threads))
+    try:
+        yield
+    finally:
+        _THREADS.pop()
+
+
 def _threads(threads: int | None) -> int:
-    return torch.get_num_threads() if threads is None else int(threads)
+    if threads is not None:
+        return int(threads)
+    return _THREADS[-1] if _THREADS else torch.get_num_threads()
 
 
 def linear(
