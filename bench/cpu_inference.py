@@ -123,7 +123,7 @@ def _kernel_rows(model, reps: int) -> dict[str, float]:
     for m in KERNEL_MS:
         xs = [torch.randn(m, w.shape[1]) for w in weights]
 
-        def one_pass():
+        def one_pass(xs=xs):
             for x, w in zip(xs, weights, strict=True):
                 nf4_matmul(x, w)
 
