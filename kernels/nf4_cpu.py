@@ -195,3 +195,51 @@ def dense_linear(x: Tensor, weight: Tensor, *, simd: str | None = None, threads:
         _NAMES[out.dtype], simd, _threads(threads),
     )  # fmt: skip
     return out.view(*x.shape[:-1], n)
+
+
+# ---- row-wise ops of a decode step (no autograd: the callers use them only when no gradient is needed) ----------
+
+
+def rowwise_ok(*tensors: Tensor) -> bool:
+    """Whether the native row-wise ops can take these tensors: CPU, one float32/bfloat16 dtype, no grad needed."""
+    if not available() or not tensors:
+        return False
+    dtype = tensors[0].dtype
+    return dtype in CPU_DTYPES and all(
+        t.device.type == "cpu" and t.dtype == dtype and not (t.requires_grad and torch.is_grad_enabled())
+        for t in tensors
+    )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dimension (kernels/rmsnorm.py's reference math)."""
+    h = x.shape[-1]
+    x2 = x.reshape(-1, h).contiguous()
+    w = weight.contiguous()
+    out = torch.empty_like(x2)
+    _native.rms_norm_rows(
+        x2.data_ptr(), w.data_ptr(), out.data_ptr(), _NAMES[x.dtype], x2.shape[0], h, float(eps)
+    )
+    return out.view(x.shape)
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """up * silu(gate) for gate_up [..., 2I] = [gate | up]."""
+    width = gate_up.shape[-1] // 2
+    gu = gate_up.reshape(-1, 2 * width).contiguous()
+    out = gu.new_empty((gu.shape[0], width))
+    _native.swiglu_rows(gu.data_ptr(), out.data_ptr(), _NAMES[gu.dtype], gu.shape[0], width)
+    return out.view(*gate_up.shape[:-1], width)
+
+
+def rope_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, n_rot_heads: int) -> Tensor:
+    """Rotate the first n_rot_heads heads of qkv [B, T, heads * D] in place by cos/sin [B, T, D/2]."""
+    b, t, width = qkv.shape
+    half = cos.shape[-1]
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    _native.rope_rows(
+        qkv.data_ptr(), _NAMES[qkv.dtype], b, t, width, n_rot_heads, half, cos.data_ptr(), sin.data_ptr(),
+        _NAMES[cos.dtype], cos.stride(0), cos.stride(1),
+    )  # fmt: skip
+    return qkv

@@ -161,3 +161,35 @@ def test_dense_linear(simd: str, dtype: torch.dtype) -> None:
         nf4_cpu.dense_linear(torch.randn(2, 99), torch.randn(5, 100))
     with pytest.raises(Phi3FastError, match="2-D float32/bfloat16"):
         nf4_cpu.dense_linear(torch.randn(2, 100), torch.randn(5, 100).half())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rowwise_ops_match_the_torch_references(dtype: torch.dtype) -> None:
+    """The decode step's native RMSNorm, SwiGLU and RoPE against kernels/' torch references (odd sizes)."""
+    from phi3fast.kernels.rmsnorm import rms_norm_reference
+    from phi3fast.kernels.rope import rope_reference
+    from phi3fast.kernels.swiglu import swiglu_reference
+
+    x, w = torch.randn(2, 3, 97).to(dtype), (1 + torch.randn(97) / 4).to(dtype)
+    assert nf4_cpu.rowwise_ok(x, w)
+    assert_close(nf4_cpu.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), dtype)
+    gu = torch.randn(5, 2 * 45).to(dtype)
+    assert_close(nf4_cpu.swiglu(gu), swiglu_reference(gu), dtype)
+    heads, kv, d = 3, 1, 10
+    qkv = torch.randn(2, 7, (heads + 2 * kv) * d).to(dtype)
+    ang = torch.randn(1, 7, d // 2)
+    cos, sin = ang.cos().to(dtype).expand(2, 7, d // 2), ang.sin().to(dtype).expand(2, 7, d // 2)
+    expected = rope_reference(qkv, cos, sin, heads, kv)
+    out = nf4_cpu.rope_qkv_(qkv, cos, sin, heads + kv)
+    assert out is qkv
+    assert_close(qkv, expected, dtype)
+    assert torch.equal(qkv[..., (heads + kv) * d :], expected[..., (heads + kv) * d :])  # v untouched
+
+
+def test_rowwise_ok_refuses_what_it_cannot_run() -> None:
+    x = torch.randn(2, 8)
+    assert not nf4_cpu.rowwise_ok(x, x.bfloat16())  # mixed dtypes
+    assert not nf4_cpu.rowwise_ok(x.half())
+    assert not nf4_cpu.rowwise_ok(x.requires_grad_())  # a gradient is needed: the autograd path runs
+    with torch.no_grad():
+        assert nf4_cpu.rowwise_ok(x)

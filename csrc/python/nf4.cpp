@@ -12,6 +12,7 @@
 #include "common/simd.h"
 #include "nf4/dense.h"
 #include "nf4/kernels.h"
+#include "nf4/rowwise.h"
 #include "python/bindings.h"
 
 namespace py = pybind11;
@@ -116,5 +117,34 @@ void bind_nf4(py::module_& m) {
       py::arg("w"), py::arg("w_dtype"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("x_dtype"), py::arg("m"),
       py::arg("out"), py::arg("out_dtype"), py::arg("simd") = py::none(), py::arg("threads") = 0,
       "out[M, N] = x[M, K] W[N, K]^T for a dense fp32/bf16 W, on the NF4 kernels' thread pool; GIL released.");
+  // Row-wise ops of a decode step (single-threaded: at decode sizes they cost microseconds).
+  m.def(
+      "rms_norm_rows",
+      [](uintptr_t x, uintptr_t w, uintptr_t out, const std::string& dtype, int64_t m_rows, int64_t h, float eps) {
+        if (!x || !w || !out || m_rows < 0 || h <= 0) throw std::invalid_argument("rms_norm_rows: bad arguments");
+        rms_norm_rows(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(w),
+                      reinterpret_cast<void*>(out), dtype_from_name(dtype), m_rows, h, eps);
+      },
+      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("dtype"), py::arg("m"), py::arg("h"), py::arg("eps"));
+  m.def(
+      "swiglu_rows",
+      [](uintptr_t gu, uintptr_t out, const std::string& dtype, int64_t m_rows, int64_t width) {
+        if (!gu || !out || m_rows < 0 || width <= 0) throw std::invalid_argument("swiglu_rows: bad arguments");
+        swiglu_rows(reinterpret_cast<const void*>(gu), reinterpret_cast<void*>(out), dtype_from_name(dtype), m_rows,
+                    width);
+      },
+      py::arg("gate_up"), py::arg("out"), py::arg("dtype"), py::arg("m"), py::arg("width"));
+  m.def(
+      "rope_rows",
+      [](uintptr_t qkv, const std::string& dtype, int64_t b, int64_t t, int64_t row_width, int64_t n_rot,
+         int64_t half, uintptr_t cos, uintptr_t sin, const std::string& cs_dtype, int64_t cs_b, int64_t cs_t) {
+        if (!qkv || !cos || !sin || b < 0 || t < 0 || half <= 0 || n_rot * 2 * half > row_width)
+          throw std::invalid_argument("rope_rows: bad arguments");
+        rope_rows(reinterpret_cast<void*>(qkv), dtype_from_name(dtype), b, t, row_width, n_rot, half,
+                  reinterpret_cast<const void*>(cos), reinterpret_cast<const void*>(sin), dtype_from_name(cs_dtype),
+                  cs_b, cs_t);
+      },
+      py::arg("qkv"), py::arg("dtype"), py::arg("b"), py::arg("t"), py::arg("row_width"), py::arg("n_rot"),
+      py::arg("half"), py::arg("cos"), py::arg("sin"), py::arg("cs_dtype"), py::arg("cs_b"), py::arg("cs_t"));
   m.def("nf4_max_threads", &ThreadPool::max_threads, "Threads the NF4 kernels use by default (every core).");
 }
