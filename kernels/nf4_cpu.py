@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import reference
+from . import nf4_reference as reference
+from .backend import KernelInputError
 
 if TYPE_CHECKING:
-    from phi3fast.quant import NF4Weight
+    from .nf4_reference import NF4Tensors as NF4Weight
 
 try:
-    from phi3fast import _hnsw as _native
+    import phi3fast._hnsw as _native  # the compiled module: the one import kernels/ may make outside itself
 except ImportError:  # the package without its compiled module: the torch reference runs instead
     _native = None
 
@@ -55,9 +56,7 @@ def weight_view(w: NF4Weight):
     if entry is None:
         n, k = reference.check_weight(w)
         if w.packed.device.type != "cpu":
-            raise reference.Phi3FastError(
-                f"the NF4 CPU kernels need a CPU weight, got one on {w.packed.device}"
-            )
+            raise KernelInputError(f"the NF4 CPU kernels need a CPU weight, got one on {w.packed.device}")
         packed = w.packed.detach().reshape(-1).contiguous()
         if w.double_quant:
             assert w.nested_code is not None and w.nested_absmax is not None and w.offset is not None
@@ -73,14 +72,17 @@ def weight_view(w: NF4Weight):
             nested_absmax.data_ptr(), offset, w.code.float().tolist(), n, k, w.blocksize,
         )  # fmt: skip
         entry = (view, (packed, absmax, nested_code, nested_absmax))
-        _VIEWS[w] = entry
+        try:
+            _VIEWS[w] = entry
+        except TypeError:  # an NF4 tensor holder that cannot be weakly referenced: a view per call
+            pass
     return entry[0]
 
 
 def _rows(x: Tensor, k: int, name: str) -> Tensor:
     reference.check_input(x, k, name)
     if x.device.type != "cpu" or x.dtype not in CPU_DTYPES:
-        raise reference.Phi3FastError(
+        raise KernelInputError(
             f"{name}: the NF4 CPU kernels take float32 or bfloat16 CPU tensors, got {x.dtype} on {x.device}"
         )
     return x.detach().reshape(-1, k).contiguous()
@@ -128,7 +130,7 @@ def linear(
         t, b, scale = lora
         r = b.shape[1] if b.dim() == 2 else -1
         if b.dim() != 2 or b.shape[0] != n or t.shape[-1] != r or t.numel() != m * r:
-            raise reference.Phi3FastError(
+            raise KernelInputError(
                 f"LoRA operands t {tuple(t.shape)} and B {tuple(b.shape)}: expected t [..., r] with "
                 f"M={m} rows and B [N={n}, r]"
             )
@@ -161,7 +163,7 @@ def dx(
         u, a, scale = lora
         r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or a.shape[1] != k or u.shape[-1] != r or u.numel() != m * r:
-            raise reference.Phi3FastError(
+            raise KernelInputError(
                 f"LoRA operands u {tuple(u.shape)} and A {tuple(a.shape)}: expected u [..., r] with "
                 f"M={m} rows and A [r, K={k}]"
             )
@@ -179,7 +181,7 @@ def dense_linear(x: Tensor, weight: Tensor, *, simd: str | None = None, threads:
 
     Meant for small M (decode's lm_head); large M belongs to torch's GEMM."""
     if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in CPU_DTYPES:
-        raise reference.Phi3FastError(
+        raise KernelInputError(
             f"weight: expected a 2-D float32/bfloat16 CPU tensor, got {tuple(weight.shape)} {weight.dtype} "
             f"on {weight.device}"
         )

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _rowwise
+from . import _rowwise, nf4_cpu
 from ._aot import AotSpec
-from ._rowwise import KernelInputError
+from .backend import INTERPRET, KernelInputError
 
 # 1024 elements of each half per tile (16 heads x 64 for Phi-3's head_dim 96 or 128) with 4 warps: 8 fp32 values
 # per thread per live array. In the interpreter, 2 heads per tile so the head loop and its mask run in tests.
@@ -70,7 +70,7 @@ def _rope_kernel(
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
-def launch_config(half: int, interpret: bool = _rowwise.INTERPRET) -> tuple[int, int]:
+def launch_config(half: int, interpret: bool = INTERPRET) -> tuple[int, int]:
     """(BLOCK_HEADS, BLOCK_HALF) for heads of width 2 * half."""
     block_half = triton.next_power_of_2(half)
     if interpret:
@@ -92,8 +92,8 @@ def rotate_triton_(qkv: Tensor, cos: Tensor, sin: Tensor, n_rot_heads: int, inve
 
 
 def rotate_reference_(qkv: Tensor, cos: Tensor, sin: Tensor, n_rot_heads: int, inverse: bool) -> Tensor:
-    """The CPU runtime path: the same elementwise ops, in qkv's dtype, as phi3fast.model's former out-of-place
-    rotation (so CPU results stay bit-identical), written back into qkv."""
+    """The CPU runtime path: transformers' out-of-place rotation, the same elementwise ops in qkv's dtype (so CPU
+    results are bit-identical to it), written back into qkv."""
     half = cos.shape[-1]
     x = qkv.unflatten(-1, (qkv.shape[-1] // (2 * half), 2 * half))[:, :, :n_rot_heads]
     x1, x2 = x[..., :half], x[..., half:]
@@ -124,7 +124,7 @@ class RopeQkvFunction(torch.autograd.Function):
     """qkv is modified in place (mark_dirty); cos and sin get no gradient (positions are not learned)."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, n_rot_heads, backend):  # noqa: ANN001
+    def forward(ctx, qkv, cos, sin, n_rot_heads, backend):
         rotate = rotate_reference_ if backend == "torch" else rotate_triton_
         rotate(qkv, cos, sin, n_rot_heads, False)
         ctx.mark_dirty(qkv)
@@ -133,7 +133,7 @@ class RopeQkvFunction(torch.autograd.Function):
         return qkv
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
+    def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         # The rotation by -theta overwrites the gradient buffer: only one this node may own (see the module note).
         grad = grad if grad.is_contiguous() else grad.contiguous()
@@ -184,6 +184,13 @@ def rope_qkv_(
     `out.backward(grad)` by the caller is overwritten, so pass a copy if it is needed afterwards."""
     check_rope(qkv, cos, sin, n_heads, n_kv_heads)
     resolved = _rowwise.resolve(backend, qkv)
+    if (
+        resolved == "torch"
+        and backend == "auto"
+        and qkv.is_contiguous()
+        and nf4_cpu.rowwise_ok(qkv, cos, sin)
+    ):
+        return nf4_cpu.rope_qkv_(qkv, cos, sin, n_heads + n_kv_heads)  # CPU inference: in place, one pass
     if resolved == "triton" and (cos.stride(-1) != 1 or sin.stride(-1) != 1):
         cos, sin = cos.contiguous(), sin.contiguous()
     return RopeQkvFunction.apply(qkv, cos, sin, n_heads + n_kv_heads, resolved)
@@ -199,7 +206,7 @@ def aot_specs() -> list[AotSpec]:
     JIT specializes at those sizes (16-byte vector loads)."""
     specs = []
     seen = set()
-    for dname, ptr in _rowwise.DTYPES.items():
+    for dname, ptr in _rowwise.AOT_DTYPES.items():
         for d in AOT_HEAD_DIMS:
             block_heads, block_half = launch_config(d // 2, interpret=False)
             for inverse in (False, True):

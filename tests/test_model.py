@@ -12,9 +12,9 @@ import torch
 from model_helpers import REL_TOL, VOCAB, hf_bnb_model, hf_model, make_tiny, rel_err
 from safetensors.torch import load_file, save_file
 
-from phi3fast.config import REGISTRY, config_from_dict
 from phi3fast.errors import Phi3FastError
 from phi3fast.model import load
+from phi3fast.model.config import REGISTRY, config_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory)
 
 
-def edit_checkpoint(src: Path, dst: Path, config: dict | None = None, weights=None) -> Path:  # noqa: ANN001
+def edit_checkpoint(src: Path, dst: Path, config: dict | None = None, weights=None) -> Path:
     """Copy a checkpoint, updating config.json keys and transforming its state dict."""
     shutil.copytree(src, dst)
     if config:
@@ -269,7 +269,7 @@ def test_sharded_checkpoint_loads(tiny: Path, tmp_path: Path) -> None:
         "bad-tokenizer",
     ],
 )
-def test_bad_checkpoint_errors_name_the_file(tiny: Path, tmp_path: Path, damage, message: str) -> None:  # noqa: ANN001
+def test_bad_checkpoint_errors_name_the_file(tiny: Path, tmp_path: Path, damage, message: str) -> None:
     dst = shutil.copytree(tiny, tmp_path / "bad")
     damage(dst)
     with pytest.raises(Phi3FastError, match=message):
@@ -346,7 +346,7 @@ def test_hub_id_from_cache(tiny: Path, tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_tolerated_extras_and_defaults(tiny: Path, tmp_path: Path) -> None:
     """RoPE caches of old exports are ignored; a tokenizer without a chat template gets Phi-3's."""
-    from phi3fast.tiny import PHI3_CHAT_TEMPLATE
+    from phi3fast.model.tiny import PHI3_CHAT_TEMPLATE
 
     def add_inv_freq(sd: dict) -> dict:
         sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
@@ -384,20 +384,20 @@ def test_each_linear_is_quantized_as_it_is_read(tiny: Path, monkeypatch: pytest.
     """Peak host memory ~ one tensor: when a linear is quantized, no earlier dense linear weight is still alive."""
     import weakref
 
-    import phi3fast.loading as loading
+    import phi3fast.model.loading as loading
     import phi3fast.quant as quant
 
     alive: list[weakref.ref] = []
     seen: list[int] = []
     real_get, real_quantize = loading._Reader.get, quant.quantize_nf4
 
-    def get(self, key: str) -> torch.Tensor:  # noqa: ANN001
+    def get(self, key: str) -> torch.Tensor:
         t = real_get(self, key)
         if key.endswith("_proj.weight"):
             alive.append(weakref.ref(t))
         return t
 
-    def quantize(w: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def quantize(w: torch.Tensor, *args, **kwargs):
         seen.append(sum(r() is not None for r in alive))
         return real_quantize(w, *args, **kwargs)
 

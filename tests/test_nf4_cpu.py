@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch
 from phi3fast.kernels import nf4_cpu
+from phi3fast.kernels.backend import KernelInputError
 from test_kernels_nf4 import assert_close
 
 from phi3fast import _hnsw
-from phi3fast.errors import Phi3FastError
 from phi3fast.quant import quantize_nf4
 
 pytestmark = pytest.mark.skipif(not nf4_cpu.available(), reason="native module built without the NF4 kernels")
@@ -88,7 +88,7 @@ def test_dx_matches_reference(simd: str, dtype: torch.dtype, n: int, k: int, bs:
 
 def test_matches_torch_reference_path() -> None:
     """The native path and the torch reference (`_tiled_gemm`) agree on the same weight."""
-    from phi3fast.kernels import reference
+    from phi3fast.kernels import nf4_reference as reference
 
     w = make_weight(192, 320, 64)
     for m in (1, 17):
@@ -132,17 +132,17 @@ def test_simd_cap_from_environment() -> None:
 
 def test_errors_are_clear() -> None:
     w = make_weight(64, 128, 64)
-    with pytest.raises(Phi3FastError, match="last dimension must be K=128"):
+    with pytest.raises(KernelInputError, match="last dimension must be K=128"):
         nf4_cpu.linear(torch.randn(2, 127), w)
-    with pytest.raises(Phi3FastError, match="float32 or bfloat16"):
+    with pytest.raises(KernelInputError, match="float32 or bfloat16"):
         nf4_cpu.linear(torch.randn(2, 128).half(), w)
-    with pytest.raises(Phi3FastError, match="floating-point"):
+    with pytest.raises(KernelInputError, match="floating-point"):
         nf4_cpu.linear(torch.ones(2, 128, dtype=torch.int32), w)
-    with pytest.raises(Phi3FastError, match="last dimension must be K=64"):
+    with pytest.raises(KernelInputError, match="last dimension must be K=64"):
         nf4_cpu.dx(torch.randn(2, 128), w)
-    with pytest.raises(Phi3FastError, match="LoRA operands"):
+    with pytest.raises(KernelInputError, match="LoRA operands"):
         nf4_cpu.linear(torch.randn(2, 128), w, (torch.randn(2, 4), torch.randn(63, 4), 1.0))
-    with pytest.raises(Phi3FastError, match="LoRA operands"):
+    with pytest.raises(KernelInputError, match="LoRA operands"):
         nf4_cpu.dx(torch.randn(2, 64), w, (torch.randn(2, 4), torch.randn(4, 127), 1.0))
     with pytest.raises(ValueError, match="unknown SIMD level"):
         nf4_cpu.linear(torch.randn(2, 128), w, simd="avx9")
@@ -157,9 +157,9 @@ def test_dense_linear(simd: str, dtype: torch.dtype) -> None:
         for m in (1, 3, 9, 17):
             x = torch.randn(m, k).to(dtype)
             assert_close(nf4_cpu.dense_linear(x, w, simd=simd), oracle(x, w.t()), dtype)
-    with pytest.raises(Phi3FastError, match="last dimension must be K=100"):
+    with pytest.raises(KernelInputError, match="last dimension must be K=100"):
         nf4_cpu.dense_linear(torch.randn(2, 99), torch.randn(5, 100))
-    with pytest.raises(Phi3FastError, match="2-D float32/bfloat16"):
+    with pytest.raises(KernelInputError, match="2-D float32/bfloat16"):
         nf4_cpu.dense_linear(torch.randn(2, 100), torch.randn(5, 100).half())
 
 
@@ -193,3 +193,39 @@ def test_rowwise_ok_refuses_what_it_cannot_run() -> None:
     assert not nf4_cpu.rowwise_ok(x.requires_grad_())  # a gradient is needed: the autograd path runs
     with torch.no_grad():
         assert nf4_cpu.rowwise_ok(x)
+
+
+def test_auto_dispatch_runs_the_native_kernels(monkeypatch) -> None:
+    """backend='auto' on CPU: nf4_matmul and lora_linear (forward and dX) call the native kernels, and their
+    results and every gradient agree with backend='torch'."""
+    from phi3fast.kernels import lora_linear, nf4_matmul
+
+    calls = {"linear": 0, "dx": 0}
+    for name in calls:
+        real = getattr(nf4_cpu, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(nf4_cpu, name, counted)
+    w = make_weight(192, 320, 64)
+    x = torch.randn(2, 9, 320, requires_grad=True)
+    a = torch.randn(6, 320, requires_grad=True)
+    b = torch.randn(192, 6, requires_grad=True)
+    out = {}
+    for backend in ("auto", "torch"):
+        y = lora_linear(x, w, a, b, 0.5, backend=backend)
+        g = torch.randn_like(y, generator=torch.Generator().manual_seed(3))
+        grads = torch.autograd.grad(y, (x, a, b), g)
+        out[backend] = (y, *grads)
+    assert calls == {"linear": 1, "dx": 1}
+    for got, want in zip(out["auto"], out["torch"], strict=True):
+        assert_close(got, want, torch.float32)
+    # A frozen NF4 layer (no LoRA) inside a graph: forward and dX = dY W natively, W gets no gradient.
+    y = nf4_matmul(x, w)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert calls == {"linear": 2, "dx": 2}
+    assert_close(gx, torch.ones(2, 9, 192) @ w.dequantize(torch.float32), torch.float32)
+    with torch.no_grad():
+        assert torch.equal(nf4_matmul(x, w), y)
