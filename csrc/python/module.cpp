@@ -92,4 +92,5 @@ PYBIND11_MODULE(_hnsw, m) {
         "All-pairs squared L2 or inner product, [n, dim] x [m, dim] -> [n, m] float32 (GIL released).");
 
   bind_index(m);
+  bind_nf4(m);
 }
