@@ -66,7 +66,10 @@ def test_phi3_turns(base_tok) -> None:  # noqa: ANN001
 
 
 def test_chatml_turns_with_default_system(base_tok) -> None:  # noqa: ANN001
-    for template, default in ((CHATML, None), (SMOL, "You are a helpful AI assistant named SmolLM, trained by Hugging Face")):
+    for template, default in (
+        (CHATML, None),
+        (SMOL, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    ):
         tok = _with(base_tok, template)
         t = chat_turns(tok)
         assert t.head == "" and t.default_system == default
@@ -147,5 +150,7 @@ def test_go_template_renders_as_jinja(base_tok, tmp_path: Path, name: str) -> No
         if turns.default_system and conv[0]["role"] != "system":
             msgs = [{"role": "system", "content": turns.default_system}, *conv]
         data = {"Template": go, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in msgs]}
-        out = subprocess.run([str(exe)], input=json.dumps(data), capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [str(exe)], input=json.dumps(data), capture_output=True, text=True, check=True
+        ).stdout
         assert turns.head + out == jinja

@@ -61,7 +61,7 @@ def _after(text: str, sentinel: str) -> str:
 def _between(text: str, a: str, b: str) -> str:
     i, j = text.find(a), text.find(b)
     if i < 0 or j < 0 or j < i:
-        raise Phi3FastError("the chat template drops or reorders message contents")
+        raise Phi3FastError("the tokenizer's chat template drops or reorders message contents")
     return text[i + len(a) : j]
 
 
@@ -84,22 +84,28 @@ def chat_turns(tok: Any) -> ChatTurns:
     user_suffix = _common_token_prefix(tok, tail, g_user_asst)
     asst_suffix = _common_token_prefix(tok, _after(last_asst, _S["assistant"]), g_asst_user)
     if not g_asst_user.startswith(asst_suffix) or not g_user_asst.startswith(user_suffix):
-        raise Phi3FastError("the chat template's turns do not end the same way each time")
+        raise Phi3FastError("the tokenizer's chat template does not end turns the same way each time")
     user_prefix = g_asst_user[len(asst_suffix) :]
     asst_prefix = g_user_asst[len(user_suffix) :]
     if not g_sys_user.endswith(user_prefix):
-        raise Phi3FastError("the chat template opens user turns differently after a system message")
+        raise Phi3FastError(
+            "the tokenizer's chat template opens user turns differently after a system message"
+        )
     sys_suffix = g_sys_user[: len(g_sys_user) - len(user_prefix)]
     if not tail_gen.startswith(user_suffix):
-        raise Phi3FastError("the chat template ends the last user turn differently with a generation prompt")
+        raise Phi3FastError(
+            "the tokenizer's chat template ends the last user turn differently with a generation prompt"
+        )
     generation_prompt = tail_gen[len(user_suffix) :]
+    if not generation_prompt:
+        raise Phi3FastError("the tokenizer's chat template has no generation prompt (it cannot open a reply)")
 
     # Without a system message: what precedes the user's content is head + [default system turn] + user prefix.
     no_sys = _render(tok, [m["user"], m["assistant"]], False)
     before_user = no_sys[: no_sys.find(_S["user"])]
     before_sys = full[: full.find(_S["system"])]
     if not before_user.endswith(user_prefix):
-        raise Phi3FastError("the chat template opens the first user turn differently")
+        raise Phi3FastError("the tokenizer's chat template opens the first user turn differently")
     lead = before_user[: len(before_user) - len(user_prefix)]
     default_system = None
     if before_sys.startswith(lead):  # no default system turn: lead is the head (a BOS, or nothing)
@@ -114,7 +120,7 @@ def chat_turns(tok: Any) -> ChatTurns:
         head = bos if bos and before_sys.startswith(bos) else ""
     else:
         raise Phi3FastError(
-            "the chat template adds text before the first user turn that is not a system turn"
+            "the tokenizer's chat template adds text before the first user turn that is not a system turn"
         )
     sys_prefix = before_sys[len(head) :]
     return ChatTurns(
@@ -135,6 +141,7 @@ def end_of_turn(tok: Any, turns: ChatTurns) -> str:
         i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
     }
     last = max((k for k, i in enumerate(ids) if i in special), default=None)
-    if last is None:
-        return suffix.rstrip()
-    return tok.decode(ids[: last + 1], skip_special_tokens=False)
+    marker = suffix.rstrip() if last is None else tok.decode(ids[: last + 1], skip_special_tokens=False)
+    if not marker:
+        raise Phi3FastError("the tokenizer's chat template ends assistant turns with no end-of-turn marker")
+    return marker
