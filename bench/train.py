@@ -288,6 +288,11 @@ def main() -> None:
         "--kernels", default="triton,torch", help="phi3fast fused-kernel backends to run (triton: CUDA)"
     )
     ap.add_argument("--section", choices=["steps", "loss-rss", "all"], default="all")
+    ap.add_argument(
+        "--real-model",
+        default=None,
+        help="steps: train this Phi-3 checkpoint (e.g. `phi3fast convert`'s SmolLM2) instead of a random one",
+    )
     ap.add_argument("--rss-hidden", type=int, default=3072, help="loss-rss: Phi-3-mini's hidden size")
     ap.add_argument("--rss-layers", type=int, default=1)
     ap.add_argument("--rss-heads", type=int, default=32)
@@ -333,8 +338,13 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
             "phi3fast --kernels triton: needs CUDA; on this CPU only --kernels torch is timed",
             file=sys.stderr,
         )
-    model = init_tiny(tmp / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
-                      intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
+    if a.real_model:  # a real checkpoint: its own sizes replace the random model's
+        model = Path(a.real_model)
+        cfg = json.loads((model / "config.json").read_text())
+        a.vocab, a.hidden, a.layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    else:
+        model = init_tiny(tmp / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
+                          intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
     data = tmp / "rows.jsonl"
     make_data(model, data, a.batch * (a.steps + a.warmup), a.seq_len)
     a.model, a.data = str(model), str(data)
@@ -368,12 +378,18 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
             r["triton_vs_torch_tok_s"] = r["tokens_per_s"] / plain[0]["tokens_per_s"]
         r["peak_rss_MB"] = r["peak_rss_bytes"] / 2**20
     shape = dict(
-        vocab=a.vocab, hidden=a.hidden, layers=a.layers, batch=a.batch, seq_len=a.seq_len, rank=a.rank
+        vocab=a.vocab,
+        hidden=a.hidden,
+        layers=a.layers,
+        batch=a.batch,
+        seq_len=a.seq_len,
+        rank=a.rank,
+        model=Path(a.real_model).name if a.real_model else "random (init_tiny)",
     )
     for r in rows:
         r.update(shape)
     print(
-        f"LoRA training step: Phi-3 shape vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers; batch {a.batch} x "
+        f"LoRA training step: {shape['model']}, Phi-3 shape vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers; batch {a.batch} x "
         f"{a.seq_len} tokens; rank {a.rank} on {', '.join(TARGETS)}; threads {os.cpu_count()}"
     )
     print_table(
