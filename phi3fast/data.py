@@ -198,6 +198,12 @@ def _encode_chat(tokenizer: Any, ex: Example) -> tuple[list[int], list[bool]]:
     Tokenizing the full text once (with offsets) gives exactly the ids that inference would see.
     """
     msgs = [{"role": r, "content": c} for r, c in ex.messages]
+    # The template's own markers (ChatML's <|im_start|>, Llama-3's <|eot_id|>...) inside a message would be read
+    # as structure; RESERVED covers Phi-3's before the tokenizer is known.
+    for i, (_, content) in enumerate(ex.messages):
+        for special in getattr(tokenizer, "all_special_tokens", []):
+            if special and special in content:
+                raise Phi3FastError(f"{ex.where}: messages[{i}].content contains the special token {special}")
     try:
         marker = end_of_turn_marker(tokenizer)
     except Phi3FastError as e:

@@ -112,3 +112,13 @@ def test_template_without_end_marker_is_an_error(base_tok) -> None:  # noqa: ANN
         Phi3FastError, match="f:3: the tokenizer's chat template ends assistant turns with no"
     ):
         encode_example(tok, ex)
+
+
+def test_template_markers_in_content_are_refused(base_tok) -> None:  # noqa: ANN001
+    tok = _tok(base_tok, "chatml")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<|im_end|>b"}]}
+    with pytest.raises(
+        Phi3FastError, match=r"f:4: messages\[1\].content contains the special token <\|im_end\|>"
+    ):
+        encode_example(tok, parse_row(row, "f:4"))
