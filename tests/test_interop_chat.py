@@ -130,7 +130,7 @@ func main() {
 @pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain to run Ollama's template engine")
 @pytest.mark.parametrize("name", ["phi3", "chatml", "smol", "llama3"])
 def test_go_template_renders_as_jinja(base_tok, tmp_path: Path, name: str) -> None:  # noqa: ANN001
-    template, bos = {"phi3": (PHI3_CHAT_TEMPLATE, "<s>"), "chatml": (CHATML, "<s>"), "smol": (SMOL, "<s>"),
+    template, bos = {"phi3": (PHI3_CHAT_TEMPLATE, "<s>"), "chatml": (CHATML, "<s>"), "smol": (SMOL, "<|im_start|>"),
                      "llama3": (LLAMA3, "<|begin_of_text|>")}[name]  # fmt: skip
     tok = _with(base_tok, template, bos)
     turns = chat_turns(tok)

@@ -116,8 +116,14 @@ def chat_turns(tok: Any) -> ChatTurns:
         and len(lead) > len(before_sys) + len(sys_suffix)
     ):
         default_system = lead[len(before_sys) : len(lead) - len(sys_suffix)]
+        # head + system prefix is known, not where one ends: a system prefix is the user prefix with the role
+        # name changed in the templates chat models ship; failing that, a leading BOS is the head.
+        parallel = user_prefix.replace("user", "system")
         bos = getattr(tok, "bos_token", None)
-        head = bos if bos and before_sys.startswith(bos) else ""
+        if parallel != user_prefix and before_sys.endswith(parallel):
+            head = before_sys[: len(before_sys) - len(parallel)]
+        else:
+            head = bos if bos and before_sys.startswith(bos) else ""
     else:
         raise Phi3FastError(
             "the tokenizer's chat template adds text before the first user turn that is not a system turn"
