@@ -193,3 +193,20 @@ def test_missing_gguf_package_names_the_extra(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
     with pytest.raises(Phi3FastError, match=r"pip install 'phi3fast\[gguf\]'"):
         convert(tmp_path / "x.gguf", tmp_path / "o")
+
+
+def test_convert_hub_id_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub id resolves through huggingface_hub's cache (offline here): the same conversion as the directory."""
+    import shutil
+
+    src = make_llama(tmp_path / "llama")
+    repo = tmp_path / "cache" / "models--acme--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = convert("acme/tiny-llama", tmp_path / "phi3")
+    ids = _ids(512)
+    torch.testing.assert_close(_logits(_hf(out), ids), _logits(_hf(src), ids), **FP32_TOL)

@@ -91,9 +91,8 @@ class GGUFModel:
             w = unpermute_rope(w, heads)
         return w
 
-    @property
-    def _tensors(self) -> dict[str, Any]:
-        return {t.name: t for t in self.reader.tensors}
+    def __post_init__(self) -> None:
+        self._tensors = {t.name: t for t in self.reader.tensors} if self.reader is not None else {}
 
 
 def _contents(reader: Any, key: str, default: Any = None) -> Any:
