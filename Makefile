@@ -110,13 +110,17 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 # Each script runs phi3fast and its peer on the same work in one run and prints the ratio; JSON in bench/results/.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(DEMO_MODEL)
 	$(PY) bench/distances.py
 	$(PY) bench/quant.py
 	$(PY) bench/kernel_ops.py
 	$(PY) bench/ann.py --quick
 	$(PY) bench/rag.py --quick
 	$(PY) bench/train.py
+	@# The real model (the demo's converted SmolLM2-135M-Instruct) against transformers' Phi3ForCausalLM.
+	$(PY) bench/load_generate.py --model $(DEMO_MODEL)
+	$(PY) bench/train.py --section steps --real-model $(DEMO_MODEL) --batch 2 --seq-len 256 --steps 2 \
+		--phi3fast-dtypes fp32 --peer-dtypes fp32 --kernels torch
 
 # The AOT compile report for sm_80/sm_90 (no GPU needed; exits 1 on a compile error or a spill).
 report: $(DEMO_STAMP)

@@ -188,7 +188,7 @@ def main() -> None:
     for r in rows:
         r.update(hidden=args.hidden, layers=args.layers, vocab=args.vocab, checkpoint_MB=size / 2**20,
                  model=Path(args.model).name if args.model else "random (init_tiny)")  # fmt: skip
-    write_rows("load_generate", rows)
+    write_rows("load_generate" + (f"_{Path(args.model).name}" if args.model else ""), rows)
     load_rows = [r for r in rows if r["bench"] == "load"]
     if load_rows:
         print_table(load_rows, ["loader", "peak_added_MB", "resident_MB", "load_s"])

@@ -397,7 +397,8 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
         ["impl", "quantize", "dtype", "kernels", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_MB", "x_tok_s",
          "x_tok_cpu_s", "x_rss", "peer", "nf4_vs_none_tok_s", "triton_vs_torch_tok_s", "error"],
     )  # fmt: skip
-    print(f"wrote {write_rows('train', rows)}")
+    name = "train" + (f"_{Path(a.real_model).name}" if a.real_model else "")
+    print(f"wrote {write_rows(name, rows)}")
 
 
 if __name__ == "__main__":
