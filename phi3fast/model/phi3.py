@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # every decode step.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
+
 class Phi3Linear(nn.Module):
     """y = x W^T (+ scale * dropout(x) A^T B^T with LoRA). W is frozen: an NF4Weight or a dense Parameter.
 
