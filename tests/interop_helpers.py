@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from phi3fast.model.tiny import _write_tokenizer, train_tokenizer
 
 CHATML = (
