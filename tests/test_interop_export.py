@@ -156,7 +156,7 @@ def test_bad_arguments_fail_before_any_work(
         raise AssertionError("work started")
 
     monkeypatch.setattr(export_mod, "write_gguf", boom)
-    monkeypatch.setattr("phi3fast.merge.merge_adapter", boom)
+    monkeypatch.setattr("phi3fast.lora.merge.merge_adapter", boom)
     (tmp_path / "file").write_text("x")
     cases = [
         (dict(out_file=tmp_path / "m.gguf", qtype="q5_k"), "type must be one of f16, q8_0, q4_0"),
