@@ -3,4 +3,6 @@
 
 #include <pybind11/pybind11.h>
 
-void bind_index(pybind11::module_& m);  // Index, BFIndex (index.cpp)
+void bind_errors(pybind11::module_& m);   // HnswError & co., SPACES, STORAGES (module.cpp)
+void bind_index(pybind11::module_& m);    // Index (index.cpp)
+void bind_bfindex(pybind11::module_& m);  // BFIndex (bfindex.cpp)
