@@ -5,7 +5,8 @@
 
 During the run every query checks that no label deleted before it started comes back. Afterwards the index's
 recall@10 on the survivors is compared with a fresh build of exactly those vectors (same M, ef_construction, ef).
-Prints queries run, violations, both recalls and their difference per library; writes bench/results/churn.json.
+Prints queries run, violations, calls that raised for finding fewer than k live neighbours, both recalls and
+their difference per library; writes bench/results/churn.json.
 tests/test_hnsw_concurrency.py runs a short bounded version of this as a test.
 """
 
@@ -51,7 +52,7 @@ def churn(mod: Any, x: np.ndarray, seconds: float, batch: int) -> dict[str, Any]
     ix.set_ef(EF)
     ix.add_items(x[: 4 * batch], np.arange(4 * batch))
     lock = threading.Lock()
-    state = {"added": 4 * batch, "queries": 0, "violations": 0}
+    state = {"added": 4 * batch, "queries": 0, "violations": 0, "short": 0}
     deleted: set[int] = set()
     stop = threading.Event()
     rng = np.random.default_rng(1)
@@ -83,7 +84,12 @@ def churn(mod: Any, x: np.ndarray, seconds: float, batch: int) -> dict[str, Any]
         while not stop.is_set():
             with lock:
                 gone = set(deleted)
-            labels, _ = ix.knn_query(q, k=K, num_threads=1)
+            try:
+                labels, _ = ix.knn_query(q, k=K, num_threads=1)
+            except RuntimeError:  # a row found fewer than k live neighbours ("Cannot return the results")
+                with lock:
+                    state["short"] += 1
+                continue
             bad = len(set(labels.ravel().tolist()) & gone)
             with lock:
                 state["queries"] += len(q)
@@ -109,6 +115,7 @@ def churn(mod: Any, x: np.ndarray, seconds: float, batch: int) -> dict[str, Any]
         "deleted": len(deleted),
         "queries": state["queries"],
         "violations": state["violations"],
+        "short_results": state["short"],
         "recall_churned": churned,
         "recall_fresh": rebuilt,
         "recall_diff": churned - rebuilt,
@@ -135,7 +142,17 @@ def main() -> None:
         rows.append({"lib": name, **churn(mod, x, args.seconds, args.batch)})
     print_table(
         rows,
-        ["lib", "added", "deleted", "queries", "violations", "recall_churned", "recall_fresh", "recall_diff"],
+        [
+            "lib",
+            "added",
+            "deleted",
+            "queries",
+            "violations",
+            "short_results",
+            "recall_churned",
+            "recall_fresh",
+            "recall_diff",
+        ],
     )
     print(f"wrote {write_rows('churn', rows)}")
 
