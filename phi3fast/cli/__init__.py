@@ -56,4 +56,9 @@ def info() -> None:
 
 
 # Verb modules register themselves on `main` when imported (one line per area).
-from phi3fast.cli import model, rag, train  # noqa: E402,F401  (init-tiny/generate/merge, index/query, train)
+from phi3fast.cli import (  # noqa: E402,F401  (init-tiny/generate/merge, index/query, train)
+    eval,  # noqa: E402,F401  (eval, rag-data)
+    model,
+    rag,
+    train,
+)
