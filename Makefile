@@ -1,32 +1,57 @@
-# Every target that runs code first makes sure .venv exists and holds this package and what it needs.
-# The install is skipped when nothing it depends on has changed since the last one (a stamp file).
+# Every target that runs code first makes sure .venv exists and holds this package and what that target needs:
+# `make demo` installs the package alone (plus its real-model extra), `make test` adds the test and dev extras,
+# `make bench` the bench peers. An install is skipped when nothing it depends on has changed (a stamp file).
+# Every pip install goes through constraints.txt, the exact versions the suite passed with, so a new upstream
+# release cannot break a fresh machine; `make lock` re-resolves it (see "Updating the lock" in README).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL := $(PIP) install -q -c $(CONSTRAINTS)
 # The CPU build of torch; a plain "torch" could resolve to a multi-GB CUDA build. On a GPU machine:
-#   make test TORCH_SPEC="torch"   (or any CUDA build you prefer)
+#   make test TORCH_SPEC="torch"   (or any CUDA build you prefer; torch is the one package the lock leaves open)
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.phi3fast-installed
+CORE_STAMP := $(VENV)/.phi3fast-core
+DEMO_STAMP := $(VENV)/.phi3fast-demo
+STAMP := $(VENV)/.phi3fast-test
+BENCH_STAMP := $(VENV)/.phi3fast-bench
 NATIVE_SRC := $(wildcard csrc/*/*.h csrc/*/*.cpp)
+PACKAGE_DEPS := $(CORE_STAMP) pyproject.toml CMakeLists.txt $(CONSTRAINTS) $(NATIVE_SRC)
 DEMO_OUT ?= demo-out
 
-.PHONY: all demo test dev lint bench report clean
+.PHONY: all demo test dev lint bench report lock clean
 
 all: test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(NATIVE_SRC)
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "numpy>=1.24"
-	$(PIP) install -q --no-build-isolation -e ".[test,dev,bench]"
-	@# scikit-build-core's editable .pth also puts the repo root on sys.path, which would expose kernels/ as a
-	@# top-level module named `kernels` (bitsandbytes imports a PyPI package of that name). Its import hook
-	@# resolves every phi3fast module by itself, so keep only the hook line.
+# torch, and what the editable build of the native module needs (numpy too: hnswlib's sdist imports it at build).
+$(CORE_STAMP): $(PY) $(CONSTRAINTS)
+	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) scikit-build-core pybind11 numpy
+	touch $@
+
+# scikit-build-core's editable .pth also puts the repo root on sys.path, which would expose kernels/ as a
+# top-level package named `kernels` (transformers and bitsandbytes import a PyPI package of that name). Its
+# import hook resolves every phi3fast module by itself, so keep only the hook line.
+define install_editable
+	$(PIP_INSTALL) --no-build-isolation -e ".[$(1)]"
 	sed -i '/^\//d' $(VENV)/lib/python*/site-packages/_editable_skbc_phi3fast.pth
-	touch $(STAMP)
+endef
+
+$(DEMO_STAMP): $(PACKAGE_DEPS)
+	$(call install_editable,gguf)
+	touch $@
+
+$(STAMP): $(PACKAGE_DEPS)
+	$(call install_editable,gguf,test,dev)
+	touch $@ $(DEMO_STAMP)
+
+$(BENCH_STAMP): $(PACKAGE_DEPS)
+	$(call install_editable,gguf,test,dev,bench)
+	touch $@ $(STAMP) $(DEMO_STAMP)
 
 dev: $(STAMP)
 	@echo "dev environment ready: source $(VENV)/bin/activate"
@@ -34,7 +59,7 @@ dev: $(STAMP)
 # The main job on embedded defaults: RAG over docs/, then QLoRA on a tiny Phi-3 (init, train, generate, answer).
 DEMO_Q ?= How do I resume an interrupted training run?
 DEMO_SYSTEM ?= You are the phi3fast assistant. Answer briefly.
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/phi3fast --version
 	rm -rf $(DEMO_OUT)
 	@echo "== RAG: index the project's own docs/ and search them"
@@ -61,7 +86,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 # Each script runs phi3fast and its peer on the same work in one run and prints the ratio; JSON in bench/results/.
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) bench/distances.py
 	$(PY) bench/quant.py
 	$(PY) bench/kernel_ops.py
@@ -70,8 +95,22 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 
 # The AOT compile report for sm_80/sm_90 (no GPU needed; exits 1 on a compile error or a spill).
-report: $(STAMP)
+report: $(DEMO_STAMP)
 	$(PY) -m phi3fast.kernels.report
+
+# Re-resolve every dependency (all extras) in a throwaway venv and write the exact versions to constraints.txt.
+# A deliberate step: run it, then `make test` on a fresh clone, then commit constraints.txt on its own.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q "$(TORCH_SPEC)" scikit-build-core pybind11 numpy
+	$(LOCK_VENV)/bin/pip install -q --no-build-isolation -e ".[gguf,test,dev,bench]"
+	{ echo "# Exact versions the test suite passed with; written by 'make lock' (see README, Updating the lock)."; \
+	  echo "# torch is left to TORCH_SPEC in the Makefile (CPU or CUDA build)."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -viE '^(torch|phi3fast)([=@ ]|$$)'; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf build dist $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -5,12 +5,20 @@ To run the Triton kernels on CPU (tests), set TRITON_INTERPRET=1 before triton i
 backend='triton'.
 """
 
-from .cross_entropy import fused_linear_cross_entropy
-from .lora import lora_linear
-from .nf4 import nf4_dequantize, nf4_matmul
-from .rmsnorm import rms_norm
-from .rope import rope_qkv_
-from .swiglu import swiglu
+if __name__ == "kernels":  # imported as a top-level name from the repo root: see _toplevel.py
+    import sys as _sys
 
-__all__ = ["fused_linear_cross_entropy", "lora_linear", "nf4_dequantize", "nf4_matmul"]
-__all__ += ["rms_norm", "rope_qkv_", "swiglu"]  # row-wise kernels (issue #7)
+    from ._toplevel import installed_kernels
+
+    _sys.modules[__name__] = installed_kernels()
+    _sys.modules.pop(__name__ + "._toplevel", None)
+else:
+    from .cross_entropy import fused_linear_cross_entropy
+    from .lora import lora_linear
+    from .nf4 import nf4_dequantize, nf4_matmul
+    from .rmsnorm import rms_norm
+    from .rope import rope_qkv_
+    from .swiglu import swiglu
+
+    __all__ = ["fused_linear_cross_entropy", "lora_linear", "nf4_dequantize", "nf4_matmul"]
+    __all__ += ["rms_norm", "rope_qkv_", "swiglu"]  # row-wise kernels (issue #7)

@@ -25,9 +25,19 @@ def test_version_matches_metadata() -> None:
 
 
 def test_help_lists_only_registered_verbs() -> None:
+    # Every verb the README documents is registered, and --help lists exactly the registered ones.
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    assert "info" in result.output
+    listed = [
+        ln.split()[0] for ln in result.output.split("Commands:", 1)[1].splitlines() if ln.startswith("  ")
+    ]
+    assert sorted(listed) == sorted(main.commands), listed
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    documented = {v for v in main.commands if f"`phi3fast {v}" in readme}
+    assert documented == set(main.commands), (
+        f"not in the README's CLI table: {set(main.commands) - documented}"
+    )
+    assert {"info", "init-tiny", "train", "generate", "merge", "index", "query"} <= set(main.commands)
 
 
 def test_python_dash_m() -> None:
@@ -83,10 +93,37 @@ def test_wheel_contains_extension_and_kernels(tmp_path: Path) -> None:
 
 
 def test_no_top_level_kernels_module(tmp_path: Path) -> None:
-    # bitsandbytes imports a PyPI package named `kernels`; ours must only be importable as phi3fast.kernels.
+    # transformers, PEFT and bitsandbytes import a PyPI package named `kernels`; ours is only phi3fast.kernels.
+    # The venv may live inside the repo, so compare with the repo's own folder, not with "anything under ROOT".
     code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert not out.stdout.strip().startswith(str(ROOT)), (
-        f"top-level 'kernels' resolves to {out.stdout.strip()}"
+    origin = out.stdout.strip()
+    assert not origin or Path(origin).resolve().parent != ROOT / "kernels", f"top-level 'kernels' is {origin}"
+
+
+def test_repo_root_does_not_shadow_installed_kernels() -> None:
+    # From the repo root ('' first on sys.path) Python finds kernels/ before site-packages; it must hand over.
+    code = (
+        "import transformers, peft, bitsandbytes, kernels, phi3fast.kernels as pk\n"
+        "print(kernels.__file__); print(pk.__file__); print(callable(pk.rms_norm))"
     )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    installed, ours, has_api = out.stdout.strip().splitlines()[-3:]
+    assert "site-packages" in installed and Path(installed).resolve().parent != ROOT / "kernels", installed
+    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
+    assert has_api == "True"
+
+
+def test_repo_root_kernels_without_the_pypi_package() -> None:
+    # No installed `kernels` anywhere: a clear ModuleNotFoundError, not our folder posing as it.
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing:', e.name)\n"
+        "else:\n    print('found:', kernels.__file__)\n"
+        "print('kernels' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["missing:", "kernels", "False"], out.stdout
