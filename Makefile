@@ -19,6 +19,10 @@ BENCH_STAMP := $(VENV)/.phi3fast-bench
 NATIVE_SRC := $(wildcard csrc/*/*.h csrc/*/*.cpp)
 PACKAGE_DEPS := $(CORE_STAMP) pyproject.toml CMakeLists.txt $(CONSTRAINTS) $(NATIVE_SRC)
 DEMO_OUT ?= demo-out
+# Extras per target (in variables: a comma inside $(call ...) would split its arguments).
+DEMO_EXTRAS := gguf
+TEST_EXTRAS := gguf,test,dev
+BENCH_EXTRAS := gguf,test,dev,bench
 
 .PHONY: all demo test dev lint bench report lock clean
 
@@ -42,15 +46,15 @@ define install_editable
 endef
 
 $(DEMO_STAMP): $(PACKAGE_DEPS)
-	$(call install_editable,gguf)
+	$(call install_editable,$(DEMO_EXTRAS))
 	touch $@
 
 $(STAMP): $(PACKAGE_DEPS)
-	$(call install_editable,gguf,test,dev)
+	$(call install_editable,$(TEST_EXTRAS))
 	touch $@ $(DEMO_STAMP)
 
 $(BENCH_STAMP): $(PACKAGE_DEPS)
-	$(call install_editable,gguf,test,dev,bench)
+	$(call install_editable,$(BENCH_EXTRAS))
 	touch $@ $(STAMP) $(DEMO_STAMP)
 
 dev: $(STAMP)
@@ -105,7 +109,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q "$(TORCH_SPEC)" scikit-build-core pybind11 numpy
-	$(LOCK_VENV)/bin/pip install -q --no-build-isolation -e ".[gguf,test,dev,bench]"
+	$(LOCK_VENV)/bin/pip install -q --no-build-isolation -e ".[$(BENCH_EXTRAS)]"
 	{ echo "# Exact versions the test suite passed with; written by 'make lock' (see README, Updating the lock)."; \
 	  echo "# torch is left to TORCH_SPEC in the Makefile (CPU or CUDA build)."; \
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -viE '^(torch|phi3fast)([=@ ]|$$)'; } > $(CONSTRAINTS).tmp

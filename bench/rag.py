@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_rows  # noqa: E402
 
 from phi3fast.rag import Index  # noqa: E402
-from phi3fast.rag.embed import Embedder  # noqa: E402
+from phi3fast.rag.embedders import Embedder, shared_embedder  # noqa: E402
 from phi3fast.rag.index import rrf_fuse  # noqa: E402
-from phi3fast.rag.store import Store  # noqa: E402
-from phi3fast.rag.vectors import EF_CONSTRUCTION, EF_SEARCH, M  # noqa: E402
+from phi3fast.rag.stores.sqlite import ChunkDB  # noqa: E402
+from phi3fast.rag.stores.vectors import EF_CONSTRUCTION, EF_SEARCH, M  # noqa: E402
 
 K = 10
 
@@ -130,7 +130,7 @@ def bench_indexing(
         st = index.build_stats
         if not texts:
             texts = [
-                r[0] for r in index._store().db.execute("SELECT heading || char(10) || text FROM chunks")
+                r[0] for r in index._chunk_db().conn.execute("SELECT heading || char(10) || text FROM chunks")
             ]
         rows.append(
             {
@@ -282,7 +282,7 @@ def _hybrid_row(n, vecs, store, hnsw_build_s, questions, q_vecs, embed_ms, workd
     """The full hybrid path of Index.search over n chunks in SQLite + FTS5 (vectors from `store`)."""
     db = workdir / f"hybrid-{n}.sqlite"
     t0 = time.perf_counter()
-    st = Store(db)
+    st = ChunkDB(db)
     st.begin()
     rows = ((f, h, 0, 1, t) for f, h, t in _bench_texts(n, prng))
     ids = st.add_chunks("bench", rows, vecs)
@@ -310,10 +310,11 @@ def _hybrid_row(n, vecs, store, hnsw_build_s, questions, q_vecs, embed_ms, workd
 
 def _milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, prng) -> dict:  # noqa: ANN001
     """The same hybrid path through the Milvus store (Milvus Lite), on the same vectors, texts and questions:
-    written by MilvusWriter (batched upserts, committed), searched through MilvusBackend as Index.search does."""
-    from phi3fast.rag.backend import Plan
+    written by MilvusWriter (batched upserts, committed), searched through MilvusStore as Index.search does."""
     from phi3fast.rag.chunking import Chunk
-    from phi3fast.rag.milvus import MilvusBackend, MilvusWriter, parse_store
+    from phi3fast.rag.stores import parse_store
+    from phi3fast.rag.stores.base import Plan
+    from phi3fast.rag.stores.milvus import MilvusStore, MilvusWriter
 
     out = workdir / f"milvus-{n}"
     out.mkdir()
@@ -330,7 +331,8 @@ def _milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, prng) -> dict:  #
     writer.commit(plan, {})
     writer.cleanup()
     build_s = time.perf_counter() - t0
-    backend = MilvusBackend.open(writer.cfg, vecs.shape[1], out)
+    manifest = {"store": writer.cfg, "embedder": {"dim": vecs.shape[1]}}
+    backend = MilvusStore.open(out, manifest)
     depth = max(4 * 5, 40)
 
     def one_pass() -> list[float]:
@@ -368,7 +370,7 @@ def main() -> None:
     n_docs = args.docs or (20 if args.quick else 120)
     rng, prng = np.random.default_rng(0), random.Random(0)
     print(f"sqlite {sqlite3.sqlite_version}; loading the embedder ...", flush=True)
-    emb = Embedder.shared()
+    emb = shared_embedder()
     with tempfile.TemporaryDirectory(prefix="phi3fast-bench-rag-") as tmp:
         work = Path(tmp)
         index_rows, texts = bench_indexing(emb, n_docs, work, prng, not args.no_milvus)

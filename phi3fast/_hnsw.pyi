@@ -4,6 +4,9 @@ from typing import Any, overload
 import numpy as np
 import numpy.typing as npt
 
+SPACES: tuple[str, ...]
+STORAGES: tuple[str, ...]
+
 def simd_level() -> str: ...
 def supported_simd_levels() -> list[str]: ...
 def l2_sq(a: npt.ArrayLike, b: npt.ArrayLike, simd: str | None = None) -> float: ...

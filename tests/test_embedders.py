@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from phi3fast.cli import main
 from phi3fast.errors import Phi3FastError
 from phi3fast.rag import Index
-from phi3fast.rag import openai_embed as oe
-from phi3fast.rag.embed import Embedder, canonical_name
+from phi3fast.rag.embedders import Embedder, canonical_name, load_embedder, shared_embedder
+from phi3fast.rag.embedders import openai as oe
 
 GOOD_KEY = "sk-test-good"
 MODEL_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "tiny-embed": 256}
@@ -184,7 +184,7 @@ def test_spec_parsing() -> None:
 
 
 def test_vectors_dimension_and_order(api: ServerState) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     assert type(emb).__name__ == "OpenAIEmbedder" and isinstance(emb, Embedder)
     assert (emb.dim, emb.info.dim, emb.info.name) == (256, 256, "openai:tiny-embed")
     assert emb.max_seq_length == oe.MAX_TOKENS_PER_INPUT // 2
@@ -200,8 +200,8 @@ def test_vectors_dimension_and_order(api: ServerState) -> None:
 
 @pytest.mark.parametrize("model,dim", [("text-embedding-3-small", 1536), ("text-embedding-3-large", 3072)])
 def test_dimension_comes_from_the_endpoint(api: ServerState, model: str, dim: int) -> None:
-    assert Embedder(f"openai:{model}").dim == dim
-    short = Embedder(f"openai:{model}?dimensions=256")
+    assert load_embedder(f"openai:{model}").dim == dim
+    short = load_embedder(f"openai:{model}?dimensions=256")
     assert short.dim == 256 and api.requests[-1]["dimensions"] == 256
     np.testing.assert_allclose(
         short.encode(["pump oil"])[0], unit(word_vector("pump oil", dim)[:256]), atol=1e-6
@@ -215,7 +215,7 @@ def test_batching_within_input_limit(
     monkeypatch.setattr(oe, "MAX_INPUTS_PER_REQUEST", limit)
     monkeypatch.setattr(oe, "PARALLEL_REQUESTS", 1)  # requests reach the server in batch order
     api.max_inputs = limit  # the server refuses bigger requests, as OpenAI does past 2048
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     texts = [f"doc {i} about valve {i * 7}" for i in range(n)]
     api.requests.clear()
     batches = list(emb.encode_batches(texts, progress=False))
@@ -228,7 +228,7 @@ def test_batching_within_input_limit(
 
 
 def test_parallel_requests_keep_order(api: ServerState, monkeypatch: pytest.MonkeyPatch) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     monkeypatch.setattr(oe, "MAX_INPUTS_PER_REQUEST", 2)
     texts = [f"item {i} of the list, word{i}" for i in range(13)]
     api.delay = 0.1  # long enough for the 4 client threads to overlap even on a busy machine
@@ -239,7 +239,7 @@ def test_parallel_requests_keep_order(api: ServerState, monkeypatch: pytest.Monk
 
 
 def test_an_error_stops_the_other_requests(api: ServerState, monkeypatch: pytest.MonkeyPatch) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     monkeypatch.setattr(oe, "MAX_INPUTS_PER_REQUEST", 1)
     api.delay = 0.02
     api.requests.clear()
@@ -257,7 +257,7 @@ def test_an_error_stops_the_other_requests(api: ServerState, monkeypatch: pytest
 
 
 def test_batching_within_token_budget(api: ServerState, monkeypatch: pytest.MonkeyPatch) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     texts = ["alpha " * 30, "beta " * 5, "gamma " * 50, "delta", "epsilon " * 200, "zeta " * 10]
     monkeypatch.setattr(oe, "PROXY_TOKENS_PER_REQUEST", 60)
     monkeypatch.setattr(oe, "PARALLEL_REQUESTS", 1)  # requests reach the server in batch order
@@ -275,7 +275,7 @@ def test_batching_within_token_budget(api: ServerState, monkeypatch: pytest.Monk
 
 
 def test_retries_then_success(api: ServerState, capsys: pytest.CaptureFixture[str]) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     api.requests.clear()
     api.fail_next[:] = [429, 500, 408, 503, 409, 502]
     vecs = emb.encode(["pump oil"])
@@ -296,7 +296,7 @@ def test_retries_then_success(api: ServerState, capsys: pytest.CaptureFixture[st
 
 
 def test_retry_after_is_honoured(api: ServerState) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     api.fail_next[:] = [429]
     api.retry_after = "7"
     emb.encode(["x"])
@@ -308,7 +308,7 @@ def test_retry_after_is_honoured(api: ServerState) -> None:
 
 
 def test_retries_exhausted(api: ServerState, monkeypatch: pytest.MonkeyPatch) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     monkeypatch.setattr(oe, "MAX_ATTEMPTS", 3)
     api.requests.clear()
     api.fail_next[:] = [429] * 5
@@ -330,7 +330,7 @@ def test_connection_refused_is_retried_then_reported(
     with pytest.raises(
         Phi3FastError, match=rf"127.0.0.1:{port}/v1: gave up after 2 attempts \(APIConnectionError"
     ):
-        Embedder("openai:tiny-embed")
+        load_embedder("openai:tiny-embed")
     assert len(api.waits) == 1
 
 
@@ -340,16 +340,16 @@ def test_401_and_404_are_clear_and_not_retried(api: ServerState, monkeypatch: py
     with pytest.raises(
         Phi3FastError, match=r"401 unauthorized \(Incorrect API key provided\): check OPENAI_API_KEY"
     ):
-        Embedder("openai:tiny-embed")
+        load_embedder("openai:tiny-embed")
     monkeypatch.setenv("OPENAI_API_KEY", GOOD_KEY)
     with pytest.raises(
         Phi3FastError, match=r"404 not found \(The model `nope` does not exist\): unknown model 'nope'"
     ):
-        Embedder("openai:nope")
+        load_embedder("openai:nope")
     url = oe.endpoint_from_env()[0].removesuffix("/v1")
     monkeypatch.setenv("OPENAI_BASE_URL", url)  # forgot the /v1
     with pytest.raises(Phi3FastError, match=rf"at {re.escape(url)}: 404 .*wrong OPENAI_BASE_URL"):
-        Embedder("openai:tiny-embed")
+        load_embedder("openai:tiny-embed")
     assert len(api.requests) == 3 and api.waits == []
 
 
@@ -363,14 +363,14 @@ def test_401_and_404_are_clear_and_not_retried(api: ServerState, monkeypatch: py
     ],
 )
 def test_broken_answers_are_refused(api: ServerState, corrupt: str, msg: str) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     api.corrupt = corrupt
     with pytest.raises(Phi3FastError, match=msg):
         emb.encode(["a b", "c d"])
 
 
 def test_other_4xx_is_reported(api: ServerState) -> None:
-    emb = Embedder("openai:tiny-embed")
+    emb = load_embedder("openai:tiny-embed")
     api.max_inputs = 1
     with pytest.raises(Phi3FastError, match=r"openai:tiny-embed' at .*: 400 too many inputs"):
         emb.encode(["a", "b"])
@@ -380,24 +380,24 @@ def test_keys_and_missing_client(monkeypatch: pytest.MonkeyPatch, server: tuple[
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(Phi3FastError, match="calls https://api.openai.com/v1: set OPENAI_API_KEY"):
-        Embedder("openai:text-embedding-3-small")
+        load_embedder("openai:text-embedding-3-small")
     # A local server without a key: a placeholder is sent (our server says 401 to it, a keyless one would not).
     monkeypatch.setenv("OPENAI_BASE_URL", server[0])
     with pytest.raises(Phi3FastError, match="401"):
-        Embedder("openai:tiny-embed")
+        load_embedder("openai:tiny-embed")
     assert server[1].auth[-1] == f"Bearer {oe.PLACEHOLDER_KEY}"
     monkeypatch.setitem(sys.modules, "openai", None)  # as if not installed
     with pytest.raises(Phi3FastError, match=r"pip install 'phi3fast\[openai\]'"):
-        Embedder("openai:tiny-embed")
+        load_embedder("openai:tiny-embed")
 
 
 def test_shared_follows_the_endpoint(
     api: ServerState, server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a = Embedder.shared("openai:tiny-embed")
-    assert Embedder.shared("openai:tiny-embed?") is a and a.client.base_url.host == "127.0.0.1"
+    a = shared_embedder("openai:tiny-embed")
+    assert shared_embedder("openai:tiny-embed?") is a and a.client.base_url.host == "127.0.0.1"
     monkeypatch.setenv("OPENAI_BASE_URL", server[0].replace("127.0.0.1", "localhost"))
-    b = Embedder.shared("openai:tiny-embed")  # another endpoint: another client
+    b = shared_embedder("openai:tiny-embed")  # another endpoint: another client
     assert b is not a and b.client.base_url.host == "localhost"
 
 

@@ -15,7 +15,7 @@ from test_embedders import DOCS, unit
 from phi3fast.cli import main
 from phi3fast.errors import Phi3FastError
 from phi3fast.rag import Index
-from phi3fast.rag.embed import Embedder, bundled_model_path
+from phi3fast.rag.embedders import bundled_model_path, load_embedder, shared_embedder
 
 CUSTOM_CODE = '''
 """A BERT under another model_type: transformers can load it only by running this file."""
@@ -75,11 +75,11 @@ def custom_code_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_custom_code_needs_trust_remote_code(custom_code_model: Path, tmp_path: Path) -> None:
     with pytest.raises(Phi3FastError, match=r"ships its own modelling code .*pass --trust-remote-code"):
-        Embedder(str(custom_code_model))
+        load_embedder(str(custom_code_model))
     with pytest.raises(Phi3FastError, match="pass --trust-remote-code"):
-        Embedder.shared(str(custom_code_model))
-    emb = Embedder.shared(str(custom_code_model), trust_remote_code=True)
-    assert Embedder.shared(str(custom_code_model), trust_remote_code=True) is emb
+        shared_embedder(str(custom_code_model))
+    emb = shared_embedder(str(custom_code_model), trust_remote_code=True)
+    assert shared_embedder(str(custom_code_model), trust_remote_code=True) is emb
     assert type(emb.model[0].auto_model).__name__ == "TinyEncModel"  # the folder's own class ran
     assert (emb.dim, emb.max_seq_length, emb.trust_remote_code) == (32, 64, True)
     assert emb.info.name == str(custom_code_model.resolve())
@@ -167,11 +167,11 @@ def test_custom_sentence_transformers_module(custom_code_model: Path, tmp_path: 
     config.update(model_type="bert", architectures=["BertModel"])
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(Phi3FastError, match="ships its own modelling code .*pass --trust-remote-code"):
-        Embedder(str(d))
-    emb = Embedder(str(d), trust_remote_code=True)
+        load_embedder(str(d))
+    emb = load_embedder(str(d), trust_remote_code=True)
     assert type(emb.model[0]).__module__.endswith("custom_st")
     texts = ["pump oil grade", "relief valve at 12 bar"]
-    ref = Embedder.shared(str(custom_code_model), trust_remote_code=True)
+    ref = shared_embedder(str(custom_code_model), trust_remote_code=True)
     np.testing.assert_allclose(emb.encode(texts), ref.encode(texts), rtol=0, atol=1e-6)
 
 
@@ -179,7 +179,7 @@ def test_loading_an_embedder_draws_no_progress_bar(capsys: pytest.CaptureFixture
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()
-    emb = Embedder()  # a fresh load, not the shared instance
+    emb = load_embedder()  # a fresh load, not the shared instance
     assert emb.dim == 384
     assert "Loading weights" not in capsys.readouterr().err  # it would land in the middle of query output
     assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from phi3fast import _hnsw, hnsw
-from phi3fast import _hnswlib_compat as compat
 from phi3fast.errors import Phi3FastError
+from phi3fast.hnsw import hnswlib_format as compat
 
 # One tolerance table: same graph and same vectors, so distances differ only by SIMD summation order (and, for
 # a cosine BFIndex, by re-normalizing hnswlib's already unit vectors).

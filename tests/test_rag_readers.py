@@ -12,7 +12,7 @@ import pytest
 from phi3fast.errors import Phi3FastError
 from phi3fast.rag.chunking import _windows, chunk_document, sections
 from phi3fast.rag.readers import Document, SkipFile, decode_text, html_to_text, iter_files, read_documents
-from phi3fast.rag.store import fts_query, identifiers
+from phi3fast.rag.stores.keywords import fts_query, identifiers
 
 
 def make_pdf(lines: list[str]) -> bytes:
@@ -250,9 +250,9 @@ def test_identifiers_and_safe_fts_queries() -> None:
 def test_keyword_search_never_raises_on_user_text(tmp_path: Path, question: str) -> None:
     import numpy as np
 
-    from phi3fast.rag.store import Store
+    from phi3fast.rag.stores.sqlite import ChunkDB
 
-    store = Store(tmp_path / "c.sqlite")
+    store = ChunkDB(tmp_path / "c.sqlite")
     store.begin()
     rows = [("m.md", "Faults", 0, 30, "Fault E-042: replace XR-7731 now."), ("m.md", "", 31, 40, "a:b pump")]
     store.add_chunks("m.md", rows, np.zeros((2, 4), np.float32))

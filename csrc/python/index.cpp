@@ -420,6 +420,10 @@ void bind_index(py::module_& m) {
     m.attr(name) = py::reinterpret_borrow<py::object>(t);
     return t;
   };
+  // The names space_from_name and storage_from_name accept, in their code order: Python reads them from here.
+  m.attr("SPACES") = py::make_tuple("l2", "ip", "cosine");
+  m.attr("STORAGES") = py::make_tuple("float32", "float16", "int8");
+
   static PyObject* runtime_t = make("HnswError", PyExc_RuntimeError);
   static PyObject* value_t = make("HnswValueError", PyExc_ValueError);
   static PyObject* type_t = make("HnswTypeError", PyExc_TypeError);

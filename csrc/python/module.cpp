@@ -1,5 +1,5 @@
 // pybind11 bindings for phi3fast._hnsw. The distance functions are exposed directly so tests can check every
-// SIMD path against numpy; the HNSW index (index_bindings.h) builds on the same DistanceFunctions.
+// SIMD path against numpy; the HNSW index (index.cpp) builds on the same DistanceFunctions.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

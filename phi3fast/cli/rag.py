@@ -44,6 +44,13 @@ if TYPE_CHECKING:
 @click.option(
     "--trust-remote-code", is_flag=True, help="Let the embedder run the modelling code it ships (e.g. jina)."
 )
+@click.option(
+    "--reranker",
+    default=None,
+    metavar="CROSS_ENCODER",
+    help="A sentence-transformers CrossEncoder (folder or name) that rescores the best hybrid results of "
+    "every query; recorded in the index ('none' drops it). Re-runs keep the index's.",
+)
 @user_errors
 def index_cmd(
     paths: tuple[Path, ...],
@@ -54,6 +61,7 @@ def index_cmd(
     store: str | None,
     export_parquet: Path | None,
     trust_remote_code: bool,
+    reranker: str | None,
 ) -> None:
     """Index documents (.md .txt .rst .html .pdf .jsonl) for `phi3fast query`; re-runs are incremental."""
     from phi3fast.rag import Index
@@ -68,6 +76,7 @@ def index_cmd(
         chunk_tokens=chunk_tokens,
         overlap=overlap,
         store=store,
+        reranker=reranker,
         trust_remote_code=trust_remote_code,
         progress=sys.stderr.isatty(),
     )
@@ -133,6 +142,12 @@ def _print_results(results: list) -> None:
     "--model", "model_dir", default=None, help="Phi-3 checkpoint: answer from the passages, citing them."
 )
 @click.option("--adapter", default=None, help="PEFT LoRA adapter (directory or Hub id), with --model.")
+@click.option(
+    "--reranker",
+    default=None,
+    metavar="CROSS_ENCODER",
+    help="Rescore hybrid results with this CrossEncoder instead of the index's own ('none': no reranking).",
+)
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @user_errors
 def query_cmd(
@@ -146,6 +161,7 @@ def query_cmd(
     trust_remote_code: bool,
     model_dir: str | None,
     adapter: str | None,
+    reranker: str | None,
     max_new_tokens: int,
 ) -> None:
     """Search an index: hybrid (dense HNSW + BM25, fused by reciprocal rank) by default.
@@ -157,7 +173,7 @@ def query_cmd(
     if adapter is not None and model_dir is None:
         raise Phi3FastError("--adapter needs --model")
     questions = _questions(question, from_file)
-    index = Index.open(index_dir, embedder=embedder, trust_remote_code=trust_remote_code)
+    index = Index.open(index_dir, embedder=embedder, trust_remote_code=trust_remote_code, reranker=reranker)
     as_json = as_json or from_file is not None
     model = None
     if model_dir is not None:

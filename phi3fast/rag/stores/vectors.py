@@ -17,7 +17,7 @@ EF_CONSTRUCTION = 200
 EF_SEARCH = 128  # >= the candidate depth hybrid search asks for, so recall stays high at k <= 100
 
 
-def _engine():  # noqa: ANN202
+def _engine():
     from phi3fast import hnsw
 
     return hnsw

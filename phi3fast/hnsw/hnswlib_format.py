@@ -1,4 +1,5 @@
-"""Import paths from hnswlib 0.8's serialized forms into phi3fast.hnsw (pure Python over the public C++ API).
+"""hnswlib 0.8's serialized forms read into phi3fast.hnsw (pure Python over the public C++ API): params dicts,
+pickles and BFIndex files.
 
 - `Index.__getstate__()` / a pickle holds `(params,)`: a dict of header fields plus the graph as numpy arrays.
   `index_file_bytes` lays those out as hnswlib's own `saveIndex` file, which our `load_index` already reads:
@@ -23,10 +24,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from phi3fast._hnsw import HnswError, HnswTypeError
+from phi3fast._hnsw import SPACES, HnswError, HnswTypeError
 
 SER_VERSION = 1  # the only `ser_version` hnswlib has written (0.6 through 0.8)
-SPACES = ("l2", "ip", "cosine")
 HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 BF_HEADER = struct.Struct("<QQQ")
 BF_MAGIC = b"PHI3BFIX"  # our own BFIndex files start with this; hnswlib's start with a u64 capacity
@@ -234,19 +234,21 @@ _PICKLE_GLOBALS = {
 
 
 class HnswlibUnpickler(pickle.Unpickler):
-    """Loads pickles of hnswlib.Index objects (alone or in lists/dicts/tuples) as phi3fast.hnsw.Index, with no
-    hnswlib installed. Only those classes and numpy arrays may appear: any other global is refused, so this
-    also never runs code a foreign pickle names."""
+    """Loads pickles of hnswlib.Index objects (alone or in lists/dicts/tuples) as `index_cls` (phi3fast.hnsw.Index),
+    with no hnswlib installed. Only those classes and numpy arrays may appear: any other global is refused, so
+    this also never runs code a foreign pickle names."""
+
+    def __init__(self, file: IO[bytes], index_cls: type) -> None:
+        super().__init__(file)
+        self._index_cls = index_cls
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("hnswlib", "Index"):
-            from phi3fast.hnsw import Index
-
-            return Index
+            return self._index_cls
         if (module, name) in _PICKLE_GLOBALS:
             return super().find_class(module, name)
         raise HnswTypeError(f"Unpickle Error: an hnswlib pickle may not reference {module}.{name}")
 
 
-def load_pickle(file: IO[bytes]) -> Any:
-    return HnswlibUnpickler(file).load()
+def load_pickle(file: IO[bytes], index_cls: type) -> Any:
+    return HnswlibUnpickler(file, index_cls).load()

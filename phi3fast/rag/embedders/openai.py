@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from phi3fast.errors import Phi3FastError
-from phi3fast.rag.embed import OPENAI_PREFIX, Embedder, _offsets, bundled_model_path
+from phi3fast.rag.embedders.base import OPENAI_PREFIX, Embedder, bundled_model_path, token_spans
 
 if TYPE_CHECKING:
     import openai
@@ -137,10 +137,8 @@ class OpenAIEmbedder(Embedder):
     """An OpenAI-compatible embeddings endpoint. Thread-safe: the client is; the proxy tokenizer has a lock.
     Batches go out PARALLEL_REQUESTS at a time and come back in input order."""
 
-    def __init__(
-        self, name: str | None = None, device: str | None = None, *, trust_remote_code: bool = False
-    ) -> None:
-        del device, trust_remote_code  # nothing runs locally but the tokenizer
+    def __init__(self, name: str) -> None:
+        """name: 'openai:MODEL[?dimensions=N]'."""
         try:
             import openai
         except ImportError:
@@ -150,7 +148,7 @@ class OpenAIEmbedder(Embedder):
         from tokenizers import Tokenizer
 
         self._openai = openai
-        self.spec = OpenAISpec.parse(name or "")
+        self.spec = OpenAISpec.parse(name)
         self.name = self.spec.name
         self.trust_remote_code = False
         base_url, api_key = endpoint_from_env()
@@ -176,7 +174,7 @@ class OpenAIEmbedder(Embedder):
 
     def token_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         with self._lock:
-            return _offsets(self.tokenizer, texts)
+            return token_spans(self.tokenizer, texts)
 
     # -- requests --
     def _request(self, texts: list[str], cancel: threading.Event | None = None) -> np.ndarray:

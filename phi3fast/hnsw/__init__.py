@@ -26,7 +26,7 @@ hnswlib; 'ip' distance is 1 - dot and 'cosine' normalizes vectors, as there. Wha
   index files (space and dim come from the Index they are loaded into); `BFIndex.load_index` also reads
   hnswlib's BFIndex files.
 
-Coming from hnswlib (the converters live in phi3fast._hnswlib_compat):
+Coming from hnswlib (the converters live in phi3fast.hnsw.hnswlib_format):
 
     index = hnsw.Index(hnswlib_index)                  # a live hnswlib.Index
     index = hnsw.Index(hnswlib_index.__getstate__())   # its state, (params,) or the params dict itself
@@ -43,17 +43,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from phi3fast import _hnsw
-from phi3fast import _hnswlib_compat as compat
 from phi3fast._hnsw import (
+    SPACES,
+    STORAGES,
     HnswError,
     HnswOverflowError,
     HnswTypeError,
     HnswValueError,
     simd_level,
 )
-
-STORAGES = ("float32", "float16", "int8")
-SPACES = ("l2", "ip", "cosine")
+from phi3fast.hnsw import hnswlib_format as fmt
 
 __all__ = [
     "BFIndex",
@@ -104,14 +103,14 @@ class Index(_hnsw.Index):
             else:
                 index = space
             space = None
-        if index is not None and compat.is_hnswlib_index(index):
+        if index is not None and fmt.is_hnswlib_index(index):
             params, index = index.__getstate__(), None
         if (params is not None) + (index is not None) + (space is not None or dim is not None) != 1:
             raise HnswTypeError("Index() takes (space, dim), (params) or (index)")
-        if isinstance(params, tuple) and not compat.is_hnswlib_state(params):
+        if isinstance(params, tuple) and not fmt.is_hnswlib_state(params):
             super().__setstate__(params)  # our own __getstate__(), so Index(ix.__getstate__()) works for both
         elif params is not None:
-            self._init_from_params(compat.parse_params(params), simd)
+            self._init_from_params(fmt.parse_params(params), simd)
         elif index is not None:
             if not isinstance(index, _hnsw.Index):
                 raise HnswTypeError(
@@ -123,7 +122,7 @@ class Index(_hnsw.Index):
                 raise HnswTypeError("Index() takes (space, dim), (params) or (index)")
             super().__init__(space, dim, simd=simd)
 
-    def _init_from_params(self, p: compat.HnswlibParams, simd: str | None) -> None:
+    def _init_from_params(self, p: fmt.HnswlibParams, simd: str | None) -> None:
         super().__init__(p.space, p.dim, simd=simd)
         if p.index_file is not None:
             with _scratch_file("hnswlib params") as tmp:
@@ -134,8 +133,8 @@ class Index(_hnsw.Index):
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         # hnswlib's pickles carry (params,); ours carry the engine's own tuple
-        if compat.is_hnswlib_state(state):
-            self._init_from_params(compat.parse_params(state), None)
+        if fmt.is_hnswlib_state(state):
+            self._init_from_params(fmt.parse_params(state), None)
         else:
             super().__setstate__(state)
 
@@ -147,12 +146,12 @@ class BFIndex(_hnsw.BFIndex):
         path = os.fspath(path_to_index)
         try:
             with open(path, "rb") as f:
-                ours = f.read(len(compat.BF_MAGIC)) == compat.BF_MAGIC
+                ours = f.read(len(fmt.BF_MAGIC)) == fmt.BF_MAGIC
         except OSError:
             ours = True  # the engine raises hnswlib's error for a missing or unreadable file
         if ours:
             return super().load_index(path, max_elements)
-        vectors, labels, cap = compat.read_bf_file(path, self.dim)
+        vectors, labels, cap = fmt.read_bf_file(path, self.dim)
         # Stage through a fresh engine index and its own file format: load_index then replaces this index's
         # contents exactly as for a phi3fast file (an initialized index can only be replaced by a load).
         staged = _hnsw.BFIndex(self.space, self.dim)
@@ -172,5 +171,5 @@ def load_hnswlib_pickle(file: str | os.PathLike[str] | IO[bytes]) -> Any:
     hnswlib installed. Other classes in the pickle are refused, so a foreign pickle cannot run code."""
     if isinstance(file, (str, os.PathLike)):
         with open(file, "rb") as f:
-            return compat.load_pickle(f)
-    return compat.load_pickle(file)
+            return fmt.load_pickle(f, Index)
+    return fmt.load_pickle(file, Index)
