@@ -58,6 +58,7 @@ def info() -> None:
 # Verb modules register themselves on `main` when imported (one line per area).
 from phi3fast.cli import (  # noqa: E402,F401  (init-tiny/generate/merge, index/query, train)
     eval,  # noqa: E402,F401  (eval, rag-data)
+    interop,  # noqa: E402,F401  (convert, export)
     model,
     rag,
     train,
