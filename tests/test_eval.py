@@ -324,3 +324,22 @@ def test_mode_errors(tmp_path: Path, extra: list[str], message: str) -> None:
     args = ["eval", "--model", "m", "--questions", str(q), "--out", str(tmp_path / "o"), *extra]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and result.stderr.startswith(f"error: {message}")
+
+
+def test_dequantize_keeps_the_model(setup: dict[str, Path]) -> None:
+    """--dequantize decodes with the weights NF4 holds, stored dense: the same logits, adapter included."""
+    import torch
+
+    from phi3fast.eval.runner import dequantize_base
+    from phi3fast.lora import load_adapter
+    from phi3fast.model import load
+
+    model = load(setup["model"])
+    load_adapter(model, setup["adapter"])
+    ids = torch.tensor([[5, 77, 300, 12, 9, 401, 33]])
+    with torch.no_grad():
+        before = model(ids)
+        dequantize_base(model)
+        after = model(ids)
+    assert all(lin.nf4 is None and lin.weight is not None for lin in model.linears().values())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

@@ -46,6 +46,9 @@ def _check_modes_flags(spec: str, adapter: str | None, index: Path | None) -> tu
     "-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Passages per question."
 )
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--dequantize", is_flag=True,
+              help="Decode with the NF4 base's weights dequantized (the same model, dense matmuls): faster on "
+              "CPUs without NF4 kernels; replies may differ from `query` where a rounding flips a greedy token.")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def eval_cmd(
@@ -57,6 +60,7 @@ def eval_cmd(
     modes: str,
     k: int,
     max_new_tokens: int,
+    dequantize: bool,
     no_progress: bool,
 ) -> None:
     """Answer a labelled question set in each mode (base, rag, ft, ft+rag) and compare them.
@@ -75,6 +79,7 @@ def eval_cmd(
         modes=_check_modes_flags(modes, adapter, index_dir),
         k=k,
         max_new_tokens=max_new_tokens,
+        dequantize=dequantize,
         progress=not no_progress,
     )
     report = run_eval(cfg)

@@ -46,6 +46,7 @@ class EvalConfig:
     modes: tuple[str, ...] = MODES
     k: int = 5
     max_new_tokens: int = 256
+    dequantize: bool = False  # decode with the NF4 base's dequantized weights (see dequantize_base)
     progress: bool = True
 
 
@@ -89,6 +90,7 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
         "questions_sha256": file_digest(cfg.questions),
         "k": cfg.k,
         "max_new_tokens": cfg.max_new_tokens,
+        "dequantize": cfg.dequantize,
     }
 
 
@@ -124,6 +126,18 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
                 raise Phi3FastError(f"{path}:{i}: not valid JSON; delete the file to start over") from None
             atomic_write_text(path, "".join(lines[:-1]))
     return rows
+
+
+def dequantize_base(model: Any) -> None:
+    """Replace every NF4 base weight by its dequantized values, stored dense.
+
+    The model computes the same function (the weights NF4 holds; a LoRA adapter applies on top as in training)
+    with dense matmuls: on a CPU without NF4 kernels, decoding one token then no longer dequantizes every weight.
+    Only the rounding order of the matmuls differs from the NF4 path.
+    """
+    for lin in model.linears().values():
+        if lin.nf4 is not None:
+            lin.set_base(lin.dense_weight(model.dtype))
 
 
 def _generate(model: Any, messages: list[dict[str, str]], cfg: AnswerConfig) -> tuple[str, int]:
@@ -242,6 +256,8 @@ def _run_pending(
         if len(index) == 0:
             raise Phi3FastError(f"{cfg.index}: the index holds no passages")
     model = load(cfg.model)  # as `phi3fast query --model` loads it (NF4 base)
+    if cfg.dequantize:
+        dequantize_base(model)
     # Untimed warm-up: the first question of a mode must not pay for the embedder load or lazy inits.
     _generate(model, [{"role": "user", "content": pending[0][1].question}], AnswerConfig(max_new_tokens=1))
     if index is not None:
