@@ -13,20 +13,19 @@ from phi3fast.errors import Phi3FastError
 
 def _check_modes_flags(spec: str, adapter: str | None, index: Path | None) -> tuple[str, ...]:
     """The library's mode checks, worded with this verb's flags."""
-    from phi3fast.eval.runner import mode_needs, parse_modes
+    from phi3fast.eval.runner import lacking, parse_modes
 
     try:
         modes = parse_modes(spec)
     except Phi3FastError as e:
         raise Phi3FastError(f"--{e}") from None
-    for m in modes:
-        need_adapter, need_index = mode_needs(m)
-        flags = [f for f, missing in (("--adapter", need_adapter and adapter is None),
-                                      ("--index", need_index and index is None)) if missing]  # fmt: skip
-        if flags:
-            raise Phi3FastError(
-                f"--modes: {m} needs {' and '.join(flags)}; give it or leave {m} out of --modes"
-            )
+    gap = lacking(modes, adapter, index)
+    if gap is not None:
+        m, what = gap
+        flags = " and ".join(f"--{w}" for w in what)
+        raise Phi3FastError(
+            f"--modes: {m} needs {flags}; give {'them' if len(what) > 1 else 'it'} or leave {m} out of --modes"
+        )
     return modes
 
 

@@ -64,21 +64,24 @@ def parse_modes(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(items)
 
 
-def mode_needs(mode: str) -> tuple[bool, bool]:
-    """(needs an adapter, needs an index)."""
-    return mode.startswith("ft"), mode in RAG_MODES
+def lacking(modes: Sequence[str], adapter: str | None, index: Path | None) -> tuple[str, list[str]] | None:
+    """The first mode that lacks what it needs ('adapter' for ft and ft+rag, 'index' for rag and ft+rag), or None."""
+    for m in modes:
+        what = [w for w, missing in (("adapter", m.startswith("ft") and adapter is None),
+                                     ("index", m in RAG_MODES and index is None)) if missing]  # fmt: skip
+        if what:
+            return m, what
+    return None
 
 
 def check_modes(modes: Sequence[str], adapter: str | None, index: Path | None) -> None:
-    """Each mode must have what it needs: an adapter for ft and ft+rag, an index for rag and ft+rag."""
-    for m in modes:
-        need_adapter, need_index = mode_needs(m)
-        needs = [w for w, missing in (("an adapter", need_adapter and adapter is None),
-                                      ("an index", need_index and index is None)) if missing]  # fmt: skip
-        if needs:
-            raise Phi3FastError(
-                f"mode {m!r} needs {' and '.join(needs)}; give it or leave {m!r} out of the modes"
-            )
+    gap = lacking(modes, adapter, index)
+    if gap is not None:
+        m, what = gap
+        needs = " and ".join(f"an {w}" for w in what)
+        raise Phi3FastError(
+            f"mode {m!r} needs {needs}; give {'them' if len(what) > 1 else 'it'} or leave {m!r} out of the modes"
+        )
 
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:
