@@ -126,7 +126,7 @@ def test_prompt_is_the_query_paths(made: dict, tmp_path_factory: pytest.TempPath
 
 
 def test_rows_train(made: dict) -> None:
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     tiny = init_tiny(made["root"] / "tiny", hidden=64, layers=1, heads=4, intermediate=128, vocab=512)
     out = made["root"] / "adapter"

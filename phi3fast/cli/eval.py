@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from phi3fast.cli import main, user_errors
+from phi3fast.cli.app import main, user_errors
 from phi3fast.errors import Phi3FastError
 
 

@@ -243,9 +243,9 @@ def _run_pending(
 ) -> None:
     from tqdm import tqdm
 
-    from phi3fast.loading import resolve_model_dir
     from phi3fast.lora import load_adapter
     from phi3fast.model import load
+    from phi3fast.model.loading import resolve_model_dir
 
     if any(m.startswith("ft") for m, _ in pending):
         from phi3fast.lora import read_adapter_config
