@@ -196,16 +196,17 @@ def rope_qkv_(
     `out.backward(grad)` by the caller is overwritten, so pass a copy if it is needed afterwards."""
     check_rope(qkv, cos, sin, n_heads, n_kv_heads)
     resolved = _rowwise.resolve(backend, qkv)
+    head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
     if (
         resolved == "torch"
         and backend == "auto"
         and qkv.is_contiguous()
+        and 2 * cos.shape[-1] == head_dim  # the native pass rotates whole heads (no partial rotary)
         and nf4_cpu.rowwise_ok(qkv, cos, sin)
     ):
         return nf4_cpu.rope_qkv_(qkv, cos, sin, n_heads + n_kv_heads)  # CPU inference: in place, one pass
     if resolved == "triton" and (cos.stride(-1) != 1 or sin.stride(-1) != 1):
         cos, sin = cos.contiguous(), sin.contiguous()
-    head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
     return RopeQkvFunction.apply(qkv, cos, sin, n_heads + n_kv_heads, head_dim, resolved)
 
 

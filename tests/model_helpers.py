@@ -53,3 +53,12 @@ def hf_bnb_model(path: Path):
             n += 1
     assert n == 4 * model.config.num_hidden_layers
     return model.eval()
+
+
+def torch_path(model):  # noqa: ANN001, ANN201
+    """The plain-torch reference path everywhere (row-wise ops and every linear): the oracle for bit-exact parity.
+    'auto' on CPU runs the native kernels instead, equal to it within fp32 rounding (test_model_configs)."""
+    model.set_kernel_backend("torch")
+    for lin in model.linears().values():
+        lin.kernel_backend = "torch"
+    return model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import REL_TOL, VOCAB, hf_bnb_model, hf_model, make_tiny, rel_err
+from model_helpers import REL_TOL, VOCAB, hf_bnb_model, hf_model, make_tiny, rel_err, torch_path
 from safetensors.torch import load_file, save_file
 
 from phi3fast.errors import Phi3FastError
@@ -40,7 +40,7 @@ def edit_checkpoint(src: Path, dst: Path, config: dict | None = None, weights=No
 
 @pytest.mark.parametrize("seq", [1, 17, 130])
 def test_dense_matches_transformers(tiny: Path, seq: int) -> None:
-    ours, ref = load(tiny, quantize=None), hf_model(tiny)
+    ours, ref = torch_path(load(tiny, quantize=None)), hf_model(tiny)
     ids = torch.randint(0, VOCAB, (2, seq))
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits
@@ -49,7 +49,7 @@ def test_dense_matches_transformers(tiny: Path, seq: int) -> None:
 
 
 def test_nf4_matches_transformers_bitsandbytes(tiny: Path) -> None:
-    ours, ref = load(tiny), hf_bnb_model(tiny)
+    ours, ref = torch_path(load(tiny)), hf_bnb_model(tiny)
     assert all(lin.nf4 is not None and lin.weight is None for lin in ours.linears().values())
     ids = torch.randint(0, VOCAB, (2, 17))
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_loads_bnb_4bit_checkpoint_without_requantizing(tiny: Path, tmp_path: Pa
     ref.save_pretrained(str(tmp_path / "bnb"))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / f, tmp_path / "bnb" / f)
-    ours = load(tmp_path / "bnb")
+    ours = torch_path(load(tmp_path / "bnb"))
     saved = load_file(str(tmp_path / "bnb" / "model.safetensors"))
     packed = ours.linears()["layers.1.mlp.down_proj"].nf4.packed
     assert torch.equal(packed.reshape(-1), saved["model.layers.1.mlp.down_proj.weight"].reshape(-1))
@@ -71,7 +71,7 @@ def test_loads_bnb_4bit_checkpoint_without_requantizing(tiny: Path, tmp_path: Pa
     with torch.no_grad():
         b = ref(ids).logits
         assert torch.equal(ours(ids), b)
-        dense = load(tmp_path / "bnb", quantize=None)  # dequantized once into dense weights
+        dense = torch_path(load(tmp_path / "bnb", quantize=None))  # dequantized once into dense weights
         assert torch.equal(dense(ids), b)
 
 
@@ -89,7 +89,7 @@ def test_longrope_matches_transformers(tiny: Path, tmp_path: Path) -> None:
         tmp_path / "lr",
         {"rope_scaling": rope, "max_position_embeddings": 256, "original_max_position_embeddings": 32},
     )
-    ours, ref = load(path, quantize=None), hf_model(path)
+    ours, ref = torch_path(load(path, quantize=None)), hf_model(path)
     assert ours.config.rope_scaling is not None and ours.config.rope_attention_factor > 1.0
     for seq in (17, 40):  # below and above original_max_position_embeddings
         ids = torch.randint(0, VOCAB, (1, seq))
@@ -100,7 +100,7 @@ def test_longrope_matches_transformers(tiny: Path, tmp_path: Path) -> None:
 
 def test_sliding_window_matches_transformers(tiny: Path, tmp_path: Path) -> None:
     path = edit_checkpoint(tiny, tmp_path / "sw", {"sliding_window": 8})
-    ours, ref = load(path, quantize=None), hf_model(path)
+    ours, ref = torch_path(load(path, quantize=None)), hf_model(path)
     ids = torch.randint(0, VOCAB, (2, 17))
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits
@@ -120,7 +120,7 @@ def test_gqa_matches_transformers(tiny: Path, tmp_path: Path) -> None:
         return sd
 
     path = edit_checkpoint(tiny, tmp_path / "gqa", {"num_key_value_heads": 2}, to_gqa)
-    ours, ref = load(path, quantize=None), hf_model(path)
+    ours, ref = torch_path(load(path, quantize=None)), hf_model(path)
     ids = torch.randint(0, VOCAB, (2, 17))
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from model_helpers import VOCAB, hf_bnb_model, make_tiny, rel_err
+from model_helpers import VOCAB, hf_bnb_model, make_tiny, rel_err, torch_path
 from test_kernels_nf4 import assert_close
 
 from phi3fast.cli import main
@@ -103,7 +103,7 @@ def _hf(path: Path):
 @pytest.mark.parametrize("name", list(FEATURES))
 def test_dense_logits_equal_transformers(checkpoints: dict[str, Path], name: str) -> None:
     path = checkpoints[name]
-    ours, ref = load(path, quantize=None), _hf(path)
+    ours, ref = torch_path(load(path, quantize=None)), _hf(path)
     assert ours.config.variant == CUSTOM
     seqs = (1, 17, 40) if "rope_scaling" in json.loads((path / "config.json").read_text()) else (1, 17)
     for seq in seqs:  # 40: past the LongRoPE original context (24), where the long factors take over
@@ -137,7 +137,7 @@ def test_the_features_are_really_there(checkpoints: dict[str, Path]) -> None:
 @pytest.mark.parametrize("name", NF4_ABLE)
 def test_nf4_loads_and_matches_bitsandbytes(checkpoints: dict[str, Path], name: str) -> None:
     path = checkpoints[name]
-    ours, ref = load(path), hf_bnb_model(path)
+    ours, ref = torch_path(load(path)), hf_bnb_model(path)
     assert all(lin.nf4 is not None for lin in ours.linears().values())
     ids = torch.randint(0, VOCAB, (2, 17))
     with torch.no_grad():
@@ -194,7 +194,8 @@ def test_triton_kernels_on_these_configs(checkpoints: dict[str, Path], name: str
     fused qkv included. Against the torch path: test_kernels_nf4's fp32 tolerance (reduction order only)."""
     ids = torch.randint(0, VOCAB, (2, 17))
     for quantize in (None, "nf4"):
-        ref, ours = load(checkpoints[name], quantize=quantize), load(checkpoints[name], quantize=quantize)
+        ref = torch_path(load(checkpoints[name], quantize=quantize))
+        ours = load(checkpoints[name], quantize=quantize)
         ours.set_kernel_backend("triton")
         for lin in ours.linears().values():
             lin.kernel_backend = "triton"
@@ -251,3 +252,18 @@ def test_unsupported_configs_are_one_clear_line(
         load(path, quantize=None)
     res = CliRunner().invoke(main, ["generate", "--model", str(path), "hi"])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and message.split("'")[0] in res.output
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_auto_on_cpu_equals_the_torch_path_within_fp32_rounding(
+    checkpoints: dict[str, Path], name: str
+) -> None:
+    """'auto' on CPU runs the native C++ kernels (NF4 GEMMs, RMSNorm, RoPE, SwiGLU): the torch path's result up to
+    fp32 reduction order, on every configuration feature (partial rotary, head_dim, windows, LongRoPE...)."""
+    ids = torch.randint(0, VOCAB, (2, 40))
+    for quantize in (None, "nf4") if name != "odd-sizes-gqa" else (None,):
+        auto = load(checkpoints[name], quantize=quantize)
+        ref = torch_path(load(checkpoints[name], quantize=quantize))
+        with torch.no_grad():
+            got, want = auto(ids), ref(ids)
+        assert rel_err(got, want) < 1e-6, (quantize, rel_err(got, want))
