@@ -84,13 +84,10 @@ def worker_loss_rss(a: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from phi3fast import lora
-    from phi3fast.model import config, load
+    from phi3fast.model import load
     from phi3fast.training.loss import chunked_cross_entropy
     from phi3fast.training.precision import resolve_dtype
 
-    # The loader accepts registry variants (32 layers at hidden 3072) or tiny test models (hidden <= 1024); this
-    # one-layer slice of Phi-3-mini is neither, so this process alone raises the tiny limit to load it.
-    config.TINY_MAX_HIDDEN = max(config.TINY_MAX_HIDDEN, a.hidden)
     dtype = resolve_dtype(a.dtype, torch.device("cpu"))
     model = load(a.model, dtype=dtype, quantize="nf4")
     lora.apply_lora(model, lora.LoraConfig(r=a.rank, alpha=2 * a.rank, dropout=0.05))
