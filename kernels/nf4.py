@@ -39,6 +39,9 @@ from .backend import GPU_DTYPES, INTERPRET, pointer_type, resolve_backend
 from .nf4_reference import NF4Tensors
 
 SMALL_M = 16  # rows up to which the decode kernel runs: one 16-row tile, the smallest tl.dot M
+# 8 warps for the decode kernel: with 4, the 16-byte-aligned build the JIT runs (BLOCK_K=64, double quant) is
+# held to 64 registers on sm_90 and spills; 8 warps also keep more loads in flight per SM for the weight stream.
+SMALL_M_WARPS = 8
 R_BLOCK = 16  # LoRA ranks per epilogue tl.dot: 16 is tl.dot's smallest K; larger ranks loop, so one compile serves all
 
 
@@ -316,7 +319,7 @@ def matmul_small_m(x2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float]
         m, n, k, w.blocksize, r, tiles_per_split,
         x2.stride(0), t.stride(0), b.stride(0), partial.stride(0), partial.stride(1),
         DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_BLOCK=R_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=3,
+        num_warps=SMALL_M_WARPS, num_stages=3,
     )  # fmt: skip
     return partial[: grid[1]].sum(0).to(x2.dtype)
 
@@ -461,7 +464,7 @@ def aot_specs() -> list[AotSpec]:
                 for block_k in (32, 64):  # small_m_config: min(64, blocksize), blocksize >= 32
                     sig = {**common, "out_ptr": "*fp32", "TILES_PER_SPLIT": "i32", "stride_os": "i32"}
                     sig = {k: sig[k] for k in small.arg_names if k in sig}
-                    specs.append(AotSpec(small, "nf4_matmul_small_m", f"{label},BLOCK_N=32,BLOCK_K={block_k},w=4,s=3",
-                                         sig, {**flags, "BLOCK_N": 32, "BLOCK_K": block_k}, 4, 3,
+                    specs.append(AotSpec(small, "nf4_matmul_small_m", f"{label},BLOCK_N=32,BLOCK_K={block_k},w={SMALL_M_WARPS},s=3",
+                                         sig, {**flags, "BLOCK_N": 32, "BLOCK_K": block_k}, SMALL_M_WARPS, 3,
                                          aligned_args(sig, ALIGNED_INTS)))  # fmt: skip
     return specs
