@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._aot import AotSpec
+from ._rowwise import aligned_args
 from .backend import KernelInputError, resolve_backend
 
 IGNORE_INDEX = -100
@@ -298,5 +299,7 @@ def aot_specs() -> list[AotSpec]:
             for grad in (True, False):
                 label = f"{dname},BLOCK_V={block},ONE_BLOCK={int(one)},grad={int(grad)},w={warps}"
                 consts = {"BLOCK_V": block, "ONE_BLOCK": one, "WRITE_GRAD": grad}
-                specs.append(AotSpec(kernel, "cross_entropy_rows", label, sig, consts, warps, 1))
+                # Logits chunks are fresh [rows, V] allocations and Phi-3's V (32064) is a multiple of 16.
+                aligned = aligned_args(sig, ("V", "stride_row"))
+                specs.append(AotSpec(kernel, "cross_entropy_rows", label, sig, consts, warps, 1, aligned))
     return specs

@@ -33,8 +33,17 @@ from torch import Tensor
 from . import nf4, nf4_cpu
 from . import nf4_reference as reference
 from ._aot import AotSpec
+from ._rowwise import aligned_args
 from .backend import INTERPRET, KernelInputError, resolve_backend
-from .nf4 import AOT_DTYPES, _grouped_tile, _weight_args, _weight_signature, _weight_tile, as_rows
+from .nf4 import (
+    ALIGNED_INTS,
+    AOT_DTYPES,
+    _grouped_tile,
+    _weight_args,
+    _weight_signature,
+    _weight_tile,
+    as_rows,
+)
 from .nf4_reference import NF4Tensors
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
@@ -62,7 +71,7 @@ def _dx_configs() -> list[triton.Config]:
 
 @triton.autotune(
     configs=_dx_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA"],
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "blocksize"],  # blocksize: it bounds BLOCK_K (one scale per tile)
     prune_configs_by={"early_config_prune": nf4._prune_by_blocksize},
 )
 @triton.jit
@@ -80,6 +89,8 @@ def _lora_dx_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < M
+    rm64 = rm.to(tl.int64)  # int64 row offsets: rm * stride passes 2^31 elements at ~60k rows of a wide GEMM
+    g_rows = g_ptr + rm64[:, None] * stride_gm
     k0 = pid_k * BLOCK_K
     dt = g_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -88,21 +99,21 @@ def _lora_dx_kernel(
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         # Masked columns of g are 0, so the (nonzero) padding rows of the W tile contribute nothing.
-        g = tl.load(
-            g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
-        )
+        g = tl.load(g_rows + rn[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rn, mask_n,
                          k0, K, blocksize, BLOCK_K, DOUBLE_QUANT, dt)  # fmt: skip
         acc = tl.dot(g, w, acc)
     if HAS_LORA:
         for r0 in range(0, R, R_BLOCK):  # R_BLOCK ranks per tl.dot; masked ranks load as zero
             rr = r0 + tl.arange(0, R_BLOCK)
-            u = tl.load(u_ptr + rm[:, None] * stride_um + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R),
+            u = tl.load(u_ptr + rm64[:, None] * stride_um + rr[None, :], mask=mask_m[:, None] & (rr[None, :] < R),
                         other=0.0)  # fmt: skip
             a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :], mask=rr[:, None] < R, other=0.0)
             acc += lora_scale * tl.dot(u, a)
     tl.store(
-        dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None]
+        dx_ptr + rm64[:, None] * stride_dxm + rk[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=mask_m[:, None],
     )
 
 
@@ -138,7 +149,7 @@ def dx_triton(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | No
     m, n = g2.shape
     if m == 0:
         return g2.new_zeros((0, w.shape[1]))
-    key = ("dx", triton.next_power_of_2(m), n, w.shape[1], g2.dtype, w.double_quant, lora is not None)
+    key = ("dx", triton.next_power_of_2(m), n, w.shape[1], str(g2.dtype), w.double_quant, lora is not None)
     path = nf4.large_m_path(key, lambda: dx_fused(g2, w, lora), lambda: dx_dequant(g2, w, lora))
     return dx_fused(g2, w, lora) if path == "fused" else dx_dequant(g2, w, lora)
 
@@ -288,5 +299,16 @@ def aot_specs() -> list[AotSpec]:
                     cfg = ",".join(f"{key}={v}" for key, v in c.kwargs.items())
                     label = f"{dname},dq={int(dq)},lora={int(lora)},{cfg},w={c.num_warps},s={c.num_stages}"
                     consts = {"DOUBLE_QUANT": dq, "HAS_LORA": lora, "R_BLOCK": nf4.R_BLOCK, **c.kwargs}
-                    specs.append(AotSpec(kernel, "lora_dx", label, sig, consts, c.num_warps, c.num_stages))
+                    specs.append(
+                        AotSpec(
+                            kernel,
+                            "lora_dx",
+                            label,
+                            sig,
+                            consts,
+                            c.num_warps,
+                            c.num_stages,
+                            aligned_args(sig, ALIGNED_INTS),
+                        )
+                    )
     return specs

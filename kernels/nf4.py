@@ -35,14 +35,35 @@ from torch import Tensor
 from . import nf4_cpu
 from . import nf4_reference as reference
 from ._aot import AotSpec
+from ._rowwise import aligned_args
 from .backend import GPU_DTYPES, INTERPRET, pointer_type, resolve_backend
 from .nf4_reference import NF4Tensors
 
 SMALL_M = 16  # rows up to which the decode kernel runs: one 16-row tile, the smallest tl.dot M
+# 8 warps for the decode kernel: with 4, the 16-byte-aligned build the JIT runs (BLOCK_K=64, double quant) is
+# held to 64 registers on sm_90 and spills; 8 warps also keep more loads in flight per SM for the weight stream.
+SMALL_M_WARPS = 8
 R_BLOCK = 16  # LoRA ranks per epilogue tl.dot: 16 is tl.dot's smallest K; larger ranks loop, so one compile serves all
 
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
+
+
+if INTERPRET:
+
+    @triton.jit
+    def _mul_rn(a, b):
+        """a * b rounded to fp32 on its own (numpy rounds every operation; inline asm does not interpret)."""
+        return a * b
+
+else:
+
+    @triton.jit
+    def _mul_rn(a, b):
+        """a * b rounded to fp32 on its own: PTX never contracts a mul with an explicit rounding mode into an fma,
+        so a following add rounds separately, as bitsandbytes' dequantize-then-add does."""
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -53,7 +74,7 @@ def _block_scale(
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + blk // 256, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q) * nested + tl.load(offset_ptr)
+        return _mul_rn(tl.load(nested_code_ptr + q), nested) + tl.load(offset_ptr)
     else:
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
@@ -166,7 +187,7 @@ def _prune_by_blocksize(configs: list[triton.Config], named_args: dict, **kwargs
 
 @triton.autotune(
     configs=_matmul_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA"],
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "blocksize"],  # blocksize: it bounds BLOCK_K (one scale per tile)
     prune_configs_by={"early_config_prune": _prune_by_blocksize},
 )
 @triton.jit
@@ -185,18 +206,21 @@ def _nf4_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
+    # int64 row offsets: rm * stride passes 2^31 elements at ~60k rows of a wide GEMM (Phi-3-medium's gate_up).
+    rm64 = rm.to(tl.int64)
+    x_rows = x_ptr + rm64[:, None] * stride_xm
     rk = tl.arange(0, BLOCK_K)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mask_m[:, None], other=0.0)
+        x = tl.load(x_rows + (k0 + rk)[None, :], mask=mask_m[:, None], other=0.0)
         w = _weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, rn, mask_n,
                          k0, K, blocksize, BLOCK_K, DOUBLE_QUANT, dt)  # fmt: skip
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_LORA:
-        acc += lora_scale * _lora_up(t_ptr, b_ptr, rm, rn, mask_m, mask_n, R, stride_tm, stride_bn, BLOCK_M, BLOCK_N,
-                                     R_BLOCK)  # fmt: skip
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+        acc += lora_scale * _lora_up(t_ptr, b_ptr, rm64, rn, mask_m, mask_n, R, stride_tm, stride_bn, BLOCK_M,
+                                     BLOCK_N, R_BLOCK)  # fmt: skip
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
 
@@ -296,7 +320,7 @@ def matmul_small_m(x2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float]
         m, n, k, w.blocksize, r, tiles_per_split,
         x2.stride(0), t.stride(0), b.stride(0), partial.stride(0), partial.stride(1),
         DOUBLE_QUANT=w.double_quant, HAS_LORA=lora is not None, R_BLOCK=R_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=3,
+        num_warps=SMALL_M_WARPS, num_stages=3,
     )  # fmt: skip
     return partial[: grid[1]].sum(0).to(x2.dtype)
 
@@ -354,7 +378,7 @@ def matmul_triton(x2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] 
         return x2.new_empty((0, w.shape[0]))
     if m <= SMALL_M:
         return matmul_small_m(x2, w, lora)
-    key = ("fwd", triton.next_power_of_2(m), w.shape[0], k, x2.dtype, w.double_quant, lora is not None)
+    key = ("fwd", triton.next_power_of_2(m), w.shape[0], k, str(x2.dtype), w.double_quant, lora is not None)
     path = large_m_path(key, lambda: matmul_fused(x2, w, lora), lambda: matmul_dequant(x2, w, lora))
     return matmul_fused(x2, w, lora) if path == "fused" else matmul_dequant(x2, w, lora)
 
@@ -391,6 +415,11 @@ def nf4_matmul(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
 # ---- AOT specs ---------------------------------------------------------------------------------------------------
 
 AOT_DTYPES = {name: pointer_type(name) for name in GPU_DTYPES}  # the activations Triton GEMMs run with
+# Integer arguments the JIT sees as multiples of 16 at Phi-3's shapes (N, K and the blocksize are; the default
+# LoRA rank 16 makes R and the adapter strides so; M_BUCKET >= 32 is a power of two; stride_os = M * N), so the
+# report compiles what runs. M and TILES_PER_SPLIT vary with the batch and get no assumption.
+ALIGNED_INTS = ("N", "K", "blocksize", "R", "M_BUCKET", "n_bytes", "stride_xm", "stride_tm", "stride_bn",
+                "stride_om", "stride_os", "stride_gm", "stride_um", "stride_ar", "stride_dxm")  # fmt: skip
 
 
 def _weight_signature(double_quant: bool) -> dict[str, str]:
@@ -415,7 +444,8 @@ def aot_specs() -> list[AotSpec]:
             sig = {**_weight_signature(dq), "out_ptr": ptr, "n_bytes": "i32", "blocksize": "i32"}
             sig = {k: sig[k] for k in _nf4_dequant_kernel.arg_names if k in sig}
             specs.append(AotSpec(_nf4_dequant_kernel, "nf4_dequant", f"{dname},dq={int(dq)},BLOCK=1024", sig,
-                                 {"DOUBLE_QUANT": dq, "BLOCK": 1024}, num_warps=8, num_stages=1))  # fmt: skip
+                                 {"DOUBLE_QUANT": dq, "BLOCK": 1024}, num_warps=8, num_stages=1,
+                                 aligned=aligned_args(sig, ALIGNED_INTS)))  # fmt: skip
             if dname == "fp32":
                 continue
             for lora in (False, True):
@@ -432,11 +462,13 @@ def aot_specs() -> list[AotSpec]:
                     sig = {k: sig[k] for k in big.arg_names if k in sig}
                     cfg = ",".join(f"{k}={v}" for k, v in c.kwargs.items())
                     specs.append(AotSpec(big, "nf4_matmul", f"{label},{cfg},w={c.num_warps},s={c.num_stages}", sig,
-                                         {**flags, **c.kwargs}, c.num_warps, c.num_stages))  # fmt: skip
+                                         {**flags, **c.kwargs}, c.num_warps, c.num_stages,
+                                         aligned_args(sig, ALIGNED_INTS)))  # fmt: skip
                 small = _nf4_matmul_small_m_kernel
                 for block_k in (32, 64):  # small_m_config: min(64, blocksize), blocksize >= 32
                     sig = {**common, "out_ptr": "*fp32", "TILES_PER_SPLIT": "i32", "stride_os": "i32"}
                     sig = {k: sig[k] for k in small.arg_names if k in sig}
-                    specs.append(AotSpec(small, "nf4_matmul_small_m", f"{label},BLOCK_N=32,BLOCK_K={block_k},w=4,s=3",
-                                         sig, {**flags, "BLOCK_N": 32, "BLOCK_K": block_k}, 4, 3))  # fmt: skip
+                    specs.append(AotSpec(small, "nf4_matmul_small_m", f"{label},BLOCK_N=32,BLOCK_K={block_k},w={SMALL_M_WARPS},s=3",
+                                         sig, {**flags, "BLOCK_N": 32, "BLOCK_K": block_k}, SMALL_M_WARPS, 3,
+                                         aligned_args(sig, ALIGNED_INTS)))  # fmt: skip
     return specs

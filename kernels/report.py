@@ -1,6 +1,7 @@
 """AOT report: compile every kernel in every launch config for sm_80 and sm_90, offline, and read the cubin.
 
     python -m phi3fast.kernels.report [--json] [--arch sm_80 --arch sm_90] [--match REGEX] [--jobs N]
+    python -m phi3fast.kernels.report --asm {ttgir,llir,ptx,sass} --match REGEX [--arch sm_80] [--json]
 
 Rows: kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores, error. No GPU is needed: triton.compile
 targets a GPUTarget, and the cuobjdump bundled with Triton reads the cubin:
@@ -9,6 +10,7 @@ targets a GPUTarget, and the cuobjdump bundled with Triton reads the cubin:
 - shared_bytes = the dynamic shared memory Triton allocates (pipelining buffers) + static shared;
 - tensor_cores: HMMA (sm_80) or HGMMA/HMMA (sm_90) instructions in `cuobjdump -sass`.
 The specs come from `aot_specs()` of every module in phi3fast.kernels. Exits 1 if any row has an error or spills.
+--asm prints the generated code of the matching specs instead (what the AOT tests grep: i64 offsets, no fma).
 Kernels must be compiled for real, so the report re-executes itself with TRITON_INTERPRET=0 if it is set.
 """
 
@@ -68,29 +70,43 @@ def collect_specs() -> list:
     return specs
 
 
-def compile_spec(spec, arch: str, workdir: Path) -> Row:
+def compile_kernel(spec, arch: str):
+    """triton.compile of one spec for one arch, specialized as spec.aligned says; the CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = dict(spec.signature)
+    for name in spec.constexprs:
+        signature[name] = "constexpr"
+    attrs = {(spec.kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
+    src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", ARCHES[arch], 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+
+
+def _cubin_tool(compiled, arch: str, workdir: Path, *flags: str) -> str:
+    cubin = workdir / f"{os.getpid()}_{compiled.name}_{arch}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    return subprocess.run(
+        [_cuobjdump(), *flags, str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def assembly(spec, arch: str, kind: str, workdir: Path) -> str:
+    """The generated code of one spec: 'ttgir', 'llir' or 'ptx' from Triton, 'sass' from cuobjdump."""
+    compiled = compile_kernel(spec, arch)
+    return _cubin_tool(compiled, arch, workdir, "-sass") if kind == "sass" else compiled.asm[kind]
+
+
+def compile_spec(spec, arch: str, workdir: Path) -> Row:
     try:
-        signature = dict(spec.signature)
-        for name in spec.constexprs:
-            signature[name] = "constexpr"
-        attrs = {(spec.kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
-        src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
-        compiled = triton.compile(
-            src,
-            target=GPUTarget("cuda", ARCHES[arch], 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-        )
-        cubin = workdir / f"{os.getpid()}_{spec.name}_{arch}.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        tool = _cuobjdump()
-        usage = subprocess.run(
-            [tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True
-        ).stdout
-        sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        compiled = compile_kernel(spec, arch)
+        usage = _cubin_tool(compiled, arch, workdir, "-res-usage")
+        sass = _cubin_tool(compiled, arch, workdir, "-sass")
         res = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
         mma = r"\bHGMMA\b|\bHMMA\b" if arch == "sm_90" else r"\bHMMA\b"
         return Row(
@@ -136,6 +152,24 @@ def run(arches: list[str], jobs: int = 0, match: str | None = None, progress: bo
     return rows
 
 
+def print_assembly(kind: str, arches: list[str], match: str | None, as_json: bool) -> int:
+    specs = [s for s in collect_specs() if match is None or re.search(match, f"{s.name} {s.config}")]
+    if not specs:
+        print(f"no kernel config matches {match!r}", file=sys.stderr)
+        return 1
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in specs:
+            for arch in arches:
+                text = assembly(spec, arch, kind, Path(tmp))
+                out.append({"kernel": spec.name, "config": spec.config, "arch": arch, kind: text})
+                if not as_json:
+                    print(f"// ---- {spec.name} [{spec.config}] {arch}\n{text}")
+    if as_json:
+        print(json.dumps(out))
+    return 0
+
+
 def format_table(rows: list[Row]) -> str:
     cells = [[("" if v is None else str(v)) for v in asdict(r).values()] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
@@ -154,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--match", help="only specs whose 'kernel config' matches this regex, e.g. 'bf16,dq=1'"
     )
+    parser.add_argument(
+        "--asm", choices=("ttgir", "llir", "ptx", "sass"), help="print this generated code instead"
+    )
     args = parser.parse_args(argv)
+    if args.asm:
+        return print_assembly(args.asm, args.arch or sorted(ARCHES), args.match, args.json)
     rows = run(args.arch or sorted(ARCHES), jobs=args.jobs, match=args.match, progress=not args.json)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))

@@ -26,3 +26,25 @@ def compile_report(match: str, timeout: float = 900) -> list[dict]:
         assert 0 < r["regs"] <= 255 and r["shared_bytes"] >= 0, where
     assert proc.returncode == 0, proc.stderr[-3000:]
     return rows
+
+
+def compile_asm(match: str, kind: str, arch: str = "sm_80", timeout: float = 900) -> list[dict]:
+    """[{kernel, config, arch, <kind>: text}] from `python -m phi3fast.kernels.report --asm KIND`."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "phi3fast.kernels.report",
+        "--asm",
+        kind,
+        "--arch",
+        arch,
+        "--json",
+        "--match",
+        match,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert rows, f"no kernel config matches {match!r}"
+    return rows

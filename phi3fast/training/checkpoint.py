@@ -2,7 +2,8 @@
 
 A checkpoint holds everything the next step depends on: LoRA weights, AdamW state, loss-scale state, the RNG
 states (python, numpy, torch, cuda) and the data-order position (the global step; the order itself is a pure
-function of the seed). It is written into a temporary directory and renamed into place, and its manifest (file
+function of the seed), and the GPU kernels' timing-based launch choices (kernel_pins.json, see
+phi3fast.kernels.pins) so a resumed run sums in the same order. It is written into a temporary directory and renamed into place, and its manifest (file
 sizes and sha256) is written last inside it, so a directory named step-N is complete by construction and a
 damaged one is detected rather than half-loaded.
 """
@@ -27,6 +28,7 @@ from phi3fast._utils import fsync
 from phi3fast.errors import Phi3FastError
 
 MANIFEST = "manifest.json"
+PINS = "kernel_pins.json"  # optional: checkpoints written before it existed load without it
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -67,8 +69,10 @@ def save_checkpoint(
     optimizer: dict[str, Any],
     trainer: dict[str, Any],
     rng_states: list[dict[str, Any]],
+    kernel_pins: dict[str, Any] | None = None,
 ) -> Path:
-    """Write root/step-{step}/ atomically: lora.safetensors, optimizer.pt, rng.pt, trainer.json, manifest.json.
+    """Write root/step-{step}/ atomically: lora.safetensors, optimizer.pt, rng.pt, trainer.json, manifest.json,
+    and kernel_pins.json when kernel_pins is given (phi3fast.kernels.pins.snapshot()).
 
     rng_states holds one rng_state() per rank (each rank draws its own dropout masks)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -81,6 +85,8 @@ def save_checkpoint(
     torch.save(rng_states, tmp / "rng.pt")
     trainer = {**trainer, "step": step}
     (tmp / "trainer.json").write_text(json.dumps(trainer))
+    if kernel_pins is not None:
+        (tmp / PINS).write_text(json.dumps(kernel_pins))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     for p in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
@@ -135,7 +141,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a verified checkpoint: {'lora', 'optimizer', 'trainer', 'rng' (a list, one state per rank)}."""
+    """Read a verified checkpoint: {'lora', 'optimizer', 'trainer', 'rng' (a list, one state per rank),
+    'kernel_pins' (None when the checkpoint has none)}."""
     problem = verify(path)
     if problem is not None:
         raise Phi3FastError(f"{path}: not a usable checkpoint: {problem}")
@@ -146,4 +153,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
         "trainer": trainer,
         "rng": rng,
+        "kernel_pins": json.loads((path / PINS).read_text()) if (path / PINS).is_file() else None,
     }

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from phi3fast.errors import ArgumentError
+from phi3fast.errors import ArgumentError, Phi3FastError
+from phi3fast.kernels import pins
 from phi3fast.kernels.backend import KernelInputError, resolve_backend
 from phi3fast.lora import (
     LoraConfig,
@@ -34,6 +35,7 @@ from phi3fast.lora import (
 from phi3fast.model import load
 from phi3fast.training import distributed
 from phi3fast.training.checkpoint import (
+    PINS,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -213,6 +215,11 @@ class Trainer:
         self.start = int(ck["trainer"]["step"])
         self.tokens_seen = int(ck["trainer"]["tokens"])
         set_rng_state(ck["rng"][dd.rank])
+        if ck["kernel_pins"] is not None:
+            try:
+                pins.apply(ck["kernel_pins"])
+            except (KernelInputError, KeyError, TypeError) as e:
+                raise Phi3FastError(f"{self.resume_from / PINS}: unusable kernel pins: {e}") from e
 
     # ---- one step, evaluation, checkpoint ---------------------------------------------------------------------
 
@@ -292,7 +299,8 @@ class Trainer:
                 "config": asdict(self.cfg),
             }
             optim = {"adamw": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-            path = save_checkpoint(self.ckpt_root, step, lora_state_dict(self.model), optim, trainer, rngs)
+            path = save_checkpoint(self.ckpt_root, step, lora_state_dict(self.model), optim, trainer, rngs,
+                                   kernel_pins=pins.snapshot())  # fmt: skip
         distributed.barrier()
         return path
 
