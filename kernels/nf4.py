@@ -383,7 +383,8 @@ def nf4_matmul(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
     if resolve_backend(backend, x.device, x.dtype) == "torch":
         if backend == "auto" and nf4_cpu.supports(x):  # CPU: the native kernels (docs/cpu-inference.md)
             if x.requires_grad and torch.is_grad_enabled():
-                return NativeNF4MatmulFunction.apply(x, w)
+                # [M, N] out of the Function, viewed outside it: RoPE modifies the qkv output in place
+                return NativeNF4MatmulFunction.apply(x.reshape(-1, k), w).view(*x.shape[:-1], n)
             return nf4_cpu.linear(x, w)
         return reference.nf4_matmul(x, w)
     return matmul_triton(as_rows(x), w).view(*x.shape[:-1], n)

@@ -140,7 +140,7 @@ def linear(
         view, x2.data_ptr(), _NAMES[x2.dtype], m, out.data_ptr(), _NAMES[out.dtype], t_ptr, b_ptr, r,
         float(scale), simd, _threads(threads),
     )  # fmt: skip
-    return out.view(*x.shape[:-1], n)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)  # 2-D: no view (autograd Functions return it)
 
 
 def dx(
@@ -173,7 +173,7 @@ def dx(
         view, g2.data_ptr(), _NAMES[g2.dtype], m, out.data_ptr(), _NAMES[out.dtype], u_ptr, a_ptr, r,
         float(scale), simd, _threads(threads),
     )  # fmt: skip
-    return out.view(*g.shape[:-1], k)
+    return out if g.dim() == 2 else out.view(*g.shape[:-1], k)
 
 
 def dense_linear(x: Tensor, weight: Tensor, *, simd: str | None = None, threads: int | None = None) -> Tensor:
