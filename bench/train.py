@@ -84,13 +84,10 @@ def worker_loss_rss(a: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from phi3fast import lora
-    from phi3fast.model import config, load
+    from phi3fast.model import load
     from phi3fast.training.loss import chunked_cross_entropy
     from phi3fast.training.precision import resolve_dtype
 
-    # The loader accepts registry variants (32 layers at hidden 3072) or tiny test models (hidden <= 1024); this
-    # one-layer slice of Phi-3-mini is neither, so this process alone raises the tiny limit to load it.
-    config.TINY_MAX_HIDDEN = max(config.TINY_MAX_HIDDEN, a.hidden)
     dtype = resolve_dtype(a.dtype, torch.device("cpu"))
     model = load(a.model, dtype=dtype, quantize="nf4")
     lora.apply_lora(model, lora.LoraConfig(r=a.rank, alpha=2 * a.rank, dropout=0.05))
@@ -294,6 +291,11 @@ def main() -> None:
         "--real-model", default="/work/coord/models/smollm2-phi3", help="cpu-real: Phi-3-layout dir"
     )
     ap.add_argument("--real-rounds", type=int, default=1, help="cpu-real: interleaved rounds (best of)")
+    ap.add_argument(
+        "--steps-model",
+        default=None,
+        help="steps: train this Phi-3 checkpoint (e.g. `phi3fast convert`'s SmolLM2) instead of a random one",
+    )
     ap.add_argument("--rss-hidden", type=int, default=3072, help="loss-rss: Phi-3-mini's hidden size")
     ap.add_argument("--rss-layers", type=int, default=1)
     ap.add_argument("--rss-heads", type=int, default=32)
@@ -341,8 +343,13 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
             "phi3fast --kernels triton: needs CUDA; on this CPU only --kernels torch is timed",
             file=sys.stderr,
         )
-    model = init_tiny(tmp / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
-                      intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
+    if a.steps_model:  # a real checkpoint: its own sizes replace the random model's
+        model = Path(a.steps_model)
+        cfg = json.loads((model / "config.json").read_text())
+        a.vocab, a.hidden, a.layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    else:
+        model = init_tiny(tmp / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
+                          intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
     data = tmp / "rows.jsonl"
     make_data(model, data, a.batch * (a.steps + a.warmup), a.seq_len)
     a.model, a.data = str(model), str(data)
@@ -376,12 +383,18 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
             r["triton_vs_torch_tok_s"] = r["tokens_per_s"] / plain[0]["tokens_per_s"]
         r["peak_rss_MB"] = r["peak_rss_bytes"] / 2**20
     shape = dict(
-        vocab=a.vocab, hidden=a.hidden, layers=a.layers, batch=a.batch, seq_len=a.seq_len, rank=a.rank
+        vocab=a.vocab,
+        hidden=a.hidden,
+        layers=a.layers,
+        batch=a.batch,
+        seq_len=a.seq_len,
+        rank=a.rank,
+        model=Path(a.steps_model).name if a.steps_model else "random (init_tiny)",
     )
     for r in rows:
         r.update(shape)
     print(
-        f"LoRA training step: Phi-3 shape vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers; batch {a.batch} x "
+        f"LoRA training step: {shape['model']}, Phi-3 shape vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers; batch {a.batch} x "
         f"{a.seq_len} tokens; rank {a.rank} on {', '.join(TARGETS)}; threads {os.cpu_count()}"
     )
     print_table(
@@ -389,7 +402,8 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
         ["impl", "quantize", "dtype", "kernels", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_MB", "x_tok_s",
          "x_tok_cpu_s", "x_rss", "peer", "nf4_vs_none_tok_s", "triton_vs_torch_tok_s", "error"],
     )  # fmt: skip
-    print(f"wrote {write_rows('train', rows)}")
+    name = "train" + (f"_{Path(a.steps_model).name}" if a.steps_model else "")
+    print(f"wrote {write_rows(name, rows)}")
 
 
 def cpu_real_section(a: argparse.Namespace, tmp: Path) -> None:

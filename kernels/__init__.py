@@ -14,11 +14,11 @@ if __name__ == "kernels":  # imported as a top-level name from the repo root: se
     _sys.modules.pop(__name__ + "._toplevel", None)
 else:
     from .cross_entropy import fused_linear_cross_entropy
-    from .lora import lora_linear
+    from .lora import lora_linear, nf4_linear
     from .nf4 import nf4_dequantize, nf4_matmul
     from .rmsnorm import rms_norm
     from .rope import rope_qkv_
     from .swiglu import swiglu
 
-    __all__ = ["fused_linear_cross_entropy", "lora_linear", "nf4_dequantize", "nf4_matmul"]
+    __all__ = ["fused_linear_cross_entropy", "lora_linear", "nf4_dequantize", "nf4_linear", "nf4_matmul"]
     __all__ += ["rms_norm", "rope_qkv_", "swiglu"]  # row-wise kernels

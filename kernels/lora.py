@@ -1,4 +1,5 @@
-"""LoRA over a frozen NF4 weight: y = x W^T + scale * (x_lora A^T) B^T, fused forward and backward in Triton.
+"""LoRA over a frozen NF4 weight: y = x W^T + scale * (x_lora A^T) B^T, fused forward and backward in Triton;
+and the frozen NF4 weight alone (`nf4_linear`, no adapter), which still passes the gradient to its input.
 
 Forward: t = x_lora A^T [M, r] is one skinny GEMM; the base GEMM (nf4.py's kernels) adds scale * t B^T in its
 epilogue, so the output is written once and W is dequantized once, inside the main loop.
@@ -21,6 +22,8 @@ Saved for backward vs recomputed (note):
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -140,7 +143,33 @@ def dx_triton(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | No
     return dx_fused(g2, w, lora) if path == "fused" else dx_dequant(g2, w, lora)
 
 
+def dx_kernel(backend: str) -> Callable[[Tensor, NF4Tensors, tuple[Tensor, Tensor, float] | None], Tensor]:
+    """dX = dY W (+ scale * u A) for a resolved backend. Both autograd Functions below take their input gradient
+    from here, so a faster dX kernel for a device (a native CPU one) plugs in at this one place."""
+    return {"torch": reference.lora_dx, "native": nf4_cpu.dx}.get(backend, dx_triton)
+
+
 # ---- autograd ----------------------------------------------------------------------------------------------------
+
+
+class FrozenNF4Function(torch.autograd.Function):
+    """y = x W^T for a frozen NF4 W: differentiable in x only. The backward dequantizes W on the fly (the same dX
+    kernel as the LoRA backward); nothing of W is saved but the reference to its packed tensors."""
+
+    @staticmethod
+    def forward(ctx, x, w, backend):
+        x2 = as_rows(x)
+        if backend == "native":
+            out = nf4_cpu.linear(x2, w)
+        else:
+            out = reference.matmul_rows(x2, w) if backend == "torch" else nf4.matmul_triton(x2, w)
+        ctx.w, ctx.backend, ctx.x_shape = w, backend, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dx = dx_kernel(ctx.backend)(as_rows(grad_out), ctx.w, None)
+        return dx.view(ctx.x_shape), None, None
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -177,8 +206,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dxl = da = db = None
         if need_x:
             lora = (u, a, scale) if ctx.same else None
-            dx_fn = {"torch": reference.lora_dx, "native": nf4_cpu.dx}.get(ctx.backend, dx_triton)
-            dx = dx_fn(g2, ctx.w, lora).view(ctx.x_shape)
+            dx = dx_kernel(ctx.backend)(g2, ctx.w, lora).view(ctx.x_shape)
         if need_xl:
             dxl = (scale * (u @ a)).view(ctx.xl_shape)
         if need_a:
@@ -214,11 +242,30 @@ def lora_linear(
         return torch.nn.functional.linear(x, w.detach().to(x.dtype)) + scale * lora
     n, k = reference.check_weight(w)
     reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
-    resolved = resolve_backend(backend, x.device, x.dtype)
-    if resolved == "torch" and backend == "auto" and nf4_cpu.supports(x):
-        resolved = "native"  # CPU: the native kernels, LoRA term fused (docs/cpu-inference.md)
+    resolved = _resolve_nf4(backend, x)
     out = LoraLinearFunction.apply(x, x_lora, lora_a, lora_b, w, float(scale), resolved)
     return out.view(*x.shape[:-1], n)
+
+
+def _resolve_nf4(backend: str, x: Tensor) -> str:
+    """The backend for an NF4 GEMM: 'auto' on CPU is the native kernels (LoRA term fused; docs/cpu-inference.md)."""
+    resolved = resolve_backend(backend, x.device, x.dtype)
+    return "native" if resolved == "torch" and backend == "auto" and nf4_cpu.supports(x) else resolved
+
+
+def nf4_linear(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
+    """x [..., K] @ W^T -> [..., N] for a frozen NF4 W, differentiable in x (W gets no gradient): what a projection
+    without an adapter runs while layers below it train. Without autograd it is nf4_matmul."""
+    n, k = reference.check_weight(w)
+    reference.check_input(x, k)
+    resolved = _resolve_nf4(backend, x)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        if resolved == "native":
+            return nf4_cpu.linear(x, w)
+        out = reference.nf4_matmul(x, w) if resolved == "torch" else nf4.matmul_triton(as_rows(x), w)
+        return out.view(*x.shape[:-1], n)
+    # [M, N] from the Function, viewed outside it: an ordinary autograd view that in-place ops may modify.
+    return FrozenNF4Function.apply(x, w, resolved).view(*x.shape[:-1], n)
 
 
 # ---- AOT specs ---------------------------------------------------------------------------------------------------

@@ -381,26 +381,11 @@ def nf4_matmul(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
     n, k = reference.check_weight(w)
     reference.check_input(x, k)
     if resolve_backend(backend, x.device, x.dtype) == "torch":
-        if backend == "auto" and nf4_cpu.supports(x):  # CPU: the native kernels (docs/cpu-inference.md)
-            if x.requires_grad and torch.is_grad_enabled():
-                # [M, N] out of the Function, viewed outside it: RoPE modifies the qkv output in place
-                return NativeNF4MatmulFunction.apply(x.reshape(-1, k), w).view(*x.shape[:-1], n)
+        # CPU: the native kernels (docs/cpu-inference.md); a differentiable frozen layer is lora.nf4_linear.
+        if backend == "auto" and nf4_cpu.supports(x) and not (x.requires_grad and torch.is_grad_enabled()):
             return nf4_cpu.linear(x, w)
         return reference.nf4_matmul(x, w)
     return matmul_triton(as_rows(x), w).view(*x.shape[:-1], n)
-
-
-class NativeNF4MatmulFunction(torch.autograd.Function):
-    """x W^T through a frozen NF4 W on the native CPU kernels; the backward is dX = dY W (W gets no gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, w):  # noqa: ANN001
-        ctx.w = w
-        return nf4_cpu.linear(x, w)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        return nf4_cpu.dx(grad, ctx.w), None
 
 
 # ---- AOT specs ---------------------------------------------------------------------------------------------------

@@ -123,7 +123,9 @@ def linear(
     n, k = view.n, view.k
     x2 = _rows(x, k, "x")
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype)
+    # Allocated in its final shape (the same memory as [M, N]): a view made here could not be modified in place
+    # when an autograd Function returns it (RoPE on the qkv output).
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
     t_ptr = b_ptr = r = 0
     scale = 0.0
     if lora is not None:
@@ -140,7 +142,7 @@ def linear(
         view, x2.data_ptr(), _NAMES[x2.dtype], m, out.data_ptr(), _NAMES[out.dtype], t_ptr, b_ptr, r,
         float(scale), simd, _threads(threads),
     )  # fmt: skip
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)  # 2-D: no view (autograd Functions return it)
+    return out
 
 
 def dx(
@@ -156,7 +158,7 @@ def dx(
     n, k = view.n, view.k
     g2 = _rows(g, n, "dY")
     m = g2.shape[0]
-    out = torch.empty((m, k), dtype=g.dtype)
+    out = torch.empty((*g.shape[:-1], k), dtype=g.dtype)
     u_ptr = a_ptr = r = 0
     scale = 0.0
     if lora is not None:
@@ -173,7 +175,7 @@ def dx(
         view, g2.data_ptr(), _NAMES[g2.dtype], m, out.data_ptr(), _NAMES[out.dtype], u_ptr, a_ptr, r,
         float(scale), simd, _threads(threads),
     )  # fmt: skip
-    return out if g.dim() == 2 else out.view(*g.shape[:-1], k)
+    return out
 
 
 def dense_linear(x: Tensor, weight: Tensor, *, simd: str | None = None, threads: int | None = None) -> Tensor:

@@ -185,7 +185,7 @@ def _tiled_gemm(
     return out
 
 
-def _matmul_rows(x2: Tensor, w: NF4Tensors) -> Tensor:
+def matmul_rows(x2: Tensor, w: NF4Tensors) -> Tensor:
     """x2 [M, K] @ W^T, one chunk of output columns (rows of W) at a time."""
     n, k = w.shape
     chunks = _row_chunks(n, k, _chunk(x2.shape[0]))
@@ -198,12 +198,12 @@ def nf4_matmul(x: Tensor, w: NF4Tensors) -> Tensor:
     """x @ W^T in x's dtype (CPU bf16 matmuls accumulate in fp32 inside oneDNN)."""
     n, k = check_weight(w)
     check_input(x, k)
-    return _matmul_rows(x.reshape(-1, k), w).view(*x.shape[:-1], n)
+    return matmul_rows(x.reshape(-1, k), w).view(*x.shape[:-1], n)
 
 
 def base_plus_lora(x2: Tensor, w: NF4Tensors, t: Tensor, b: Tensor, scale: float) -> Tensor:
     """x2 W^T + scale * t B^T for x2 [M, K], t = x_lora A^T [M, r] (the LoRA forward's two GEMMs)."""
-    return _matmul_rows(x2, w).addmm_(t, b.t(), alpha=scale)
+    return matmul_rows(x2, w).addmm_(t, b.t(), alpha=scale)
 
 
 def lora_dx(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:

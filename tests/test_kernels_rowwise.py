@@ -98,11 +98,19 @@ def test_rms_norm_bf16_cuda(hidden: int) -> None:
 
 
 def check_rope(
-    b: int, t: int, nh: int, nkv: int, d: int, dtype: torch.dtype, backend: str = "triton"
+    b: int,
+    t: int,
+    nh: int,
+    nkv: int,
+    d: int,
+    dtype: torch.dtype,
+    backend: str = "triton",
+    rot: int | None = None,
 ) -> None:
+    """rot: the rotated features of each head (partial rotary embeddings); None = all d."""
     width = (nh + 2 * nkv) * d
     qkv0 = leaf(torch.randn(b, t, width), dtype)
-    angle = torch.rand(b, t, d // 2) * 6.3
+    angle = torch.rand(b, t, (rot or d) // 2) * 6.3
     cos, sin = (1.2 * angle.cos()).to(dtype), (1.2 * angle.sin()).to(dtype)  # 1.2: an attention factor
     qkv = qkv0.clone()
     out = rope_qkv_(qkv, cos, sin, nh, nkv, backend)
@@ -116,6 +124,10 @@ def check_rope(
     assert_close(qkv0.grad, qf.grad, dtype)
     v = slice((nh + nkv) * d, None)
     assert torch.equal(out[..., v], qkv0[..., v]) and torch.equal(qkv0.grad[..., v], g[..., v])  # v untouched
+    if rot is not None:  # the features past rot in every q and k head pass unchanged, forward and backward
+        keep = torch.arange((nh + nkv) * d) % d >= rot
+        assert torch.equal(out[..., : (nh + nkv) * d][..., keep], qkv0[..., : (nh + nkv) * d][..., keep])
+        assert torch.equal(qkv0.grad[..., : (nh + nkv) * d][..., keep], g[..., : (nh + nkv) * d][..., keep])
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
@@ -129,6 +141,14 @@ def test_rope_triton(b: int, t: int, nh: int, nkv: int, d: int, dtype: torch.dty
 
 def test_rope_torch_path_matches_reference() -> None:
     check_rope(2, 7, 4, 2, 16, torch.float32, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("nh,nkv,d,rot", [(4, 2, 16, 12), (6, 2, 10, 6), (3, 3, 8, 2)])
+def test_rope_partial_rotary(backend: str, nh: int, nkv: int, d: int, rot: int) -> None:
+    """Partial rotary embeddings (Phi-4-mini rotates 3/4 of each head): the first rot features rotate, as in
+    transformers' apply_rotary_pos_emb; 6 and 2 give odd half widths (3, 1)."""
+    check_rope(2, 7, nh, nkv, d, torch.float32, backend=backend, rot=rot)
 
 
 def _longrope_raw(d: int) -> dict:

@@ -198,7 +198,7 @@ def test_rowwise_ok_refuses_what_it_cannot_run() -> None:
 def test_auto_dispatch_runs_the_native_kernels(monkeypatch) -> None:
     """backend='auto' on CPU: nf4_matmul and lora_linear (forward and dX) call the native kernels, and their
     results and every gradient agree with backend='torch'."""
-    from phi3fast.kernels import lora_linear, nf4_matmul
+    from phi3fast.kernels import lora_linear, nf4_linear, nf4_matmul
 
     calls = {"linear": 0, "dx": 0}
     for name in calls:
@@ -223,7 +223,7 @@ def test_auto_dispatch_runs_the_native_kernels(monkeypatch) -> None:
     for got, want in zip(out["auto"], out["torch"], strict=True):
         assert_close(got, want, torch.float32)
     # A frozen NF4 layer (no LoRA) inside a graph: forward and dX = dY W natively, W gets no gradient.
-    y = nf4_matmul(x, w)
+    y = nf4_linear(x, w)
     (gx,) = torch.autograd.grad(y.sum(), x)
     assert calls == {"linear": 2, "dx": 2}
     assert_close(gx, torch.ones(2, 9, 192) @ w.dequantize(torch.float32), torch.float32)

@@ -216,6 +216,8 @@ def load(
             f"{', '.join(where)}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     known = {ckpt_key(n) for n in expected}
+    if config.tie_word_embeddings:
+        known.add("lm_head.weight")  # some exports store the tied copy too; the embedding is the one read
     if bnb:
         known |= {f"{ckpt_key(n)}.weight.{s}" for n in linears for s in BNB_SUFFIXES}
     # Old exports carry RoPE caches (`rotary_emb.inv_freq`); RoPE is recomputed from the config, so they are dropped.

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from phi3fast.errors import Phi3FastError
-from phi3fast.kernels import lora_linear, nf4_matmul, rms_norm, rope_qkv_, swiglu
+from phi3fast.kernels import lora_linear, nf4_linear, rms_norm, rope_qkv_, swiglu
 from phi3fast.kernels.backend import BACKENDS
 from phi3fast.model.config import Phi3Config
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # SDPA's enable_gqa (torch >= 2.5): the same result as repeating the kv heads, without copying the KV cache
 # every decode step.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 
 class Phi3Linear(nn.Module):
     """y = x W^T (+ scale * dropout(x) A^T B^T with LoRA). W is frozen: an NF4Weight or a dense Parameter.
@@ -53,6 +54,9 @@ class Phi3Linear(nn.Module):
         self.lora_B: nn.Parameter | None = None  # [out, r]
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
+        # Backend of the NF4 ops: 'auto' runs Triton on CUDA and the torch reference on CPU. set_kernel_backend
+        # leaves it (the row-wise kernels only); tests set 'triton' to run the NF4 kernels in the interpreter.
+        self.kernel_backend = "auto"
 
     def set_base(self, w: Tensor | NF4Weight) -> None:
         if isinstance(w, Tensor):
@@ -89,13 +93,14 @@ class Phi3Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.lora_A is None:
             if self.nf4 is not None:
-                return nf4_matmul(x, self.nf4)
+                # Differentiable in x (the frozen weight gets no gradient): a layer below may be training.
+                return nf4_linear(x, self.nf4, self.kernel_backend)
             return F.linear(x, self.weight)
         # LoRA factors are kept in fp32 (master weights); the cast is differentiable, so grads land in fp32.
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # x_lora=None lets the kernel reuse x (no dropout copy) whenever dropout is off or in eval mode.
         x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
-        return lora_linear(x, self.base, a, b, self.lora_scale, x_lora=x_lora)
+        return lora_linear(x, self.base, a, b, self.lora_scale, x_lora=x_lora, backend=self.kernel_backend)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Phi3Linear:
         # .to(device)/.cuda() must move the NF4 tensors too; dtype casts must not touch them (their own dtypes).
@@ -138,7 +143,7 @@ class RotaryEmbedding(nn.Module):
         key = (str(device), long)
         if key not in self._inv:
             cfg = self.config
-            dim = cfg.head_dim
+            dim = cfg.rotary_dim  # partial rotary: the first rotary_dim features of each head
             inv = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
             if cfg.rope_scaling is not None:
                 ext = cfg.rope_scaling.long_factor if long else cfg.rope_scaling.short_factor
