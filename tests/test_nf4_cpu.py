@@ -229,3 +229,17 @@ def test_auto_dispatch_runs_the_native_kernels(monkeypatch) -> None:
     assert_close(gx, torch.ones(2, 9, 192) @ w.dequantize(torch.float32), torch.float32)
     with torch.no_grad():
         assert torch.equal(nf4_matmul(x, w), y)
+
+
+def test_outputs_take_in_place_ops_under_autograd() -> None:
+    """RoPE rotates the qkv projection's output in place: the native paths' outputs must allow that."""
+    from phi3fast.kernels import lora_linear
+    from phi3fast.kernels.lora import nf4_linear
+
+    w = make_weight(64, 128, 64)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    a, b = torch.randn(4, 128, requires_grad=True), torch.randn(64, 4, requires_grad=True)
+    for y in (lora_linear(x, w, a, b, 0.5), nf4_linear(x, w)):
+        y.mul_(2)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        assert gx.shape == x.shape
