@@ -288,6 +288,7 @@ def main() -> None:
         "--kernels", default="triton,torch", help="phi3fast fused-kernel backends to run (triton: CUDA)"
     )
     ap.add_argument("--section", choices=["steps", "loss-rss", "all"], default="all")
+    ap.add_argument("--quantize-modes", default="nf4,none", help="steps: nf4 (QLoRA) and/or none (LoRA)")
     ap.add_argument(
         "--real-model",
         default=None,
@@ -348,7 +349,7 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
     data = tmp / "rows.jsonl"
     make_data(model, data, a.batch * (a.steps + a.warmup), a.seq_len)
     a.model, a.data = str(model), str(data)
-    for q in ("nf4", "none"):
+    for q in a.quantize_modes.split(","):
         for d in a.phi3fast_dtypes.split(","):
             for k in backends:
                 rows.append(run_side(a, "phi3fast", q, d, k))
