@@ -22,7 +22,7 @@ from phi3fast.interop.convert import convert
 from phi3fast.interop.export import export_gguf
 from phi3fast.interop.gguf_write import dequantized
 from phi3fast.lora import LoraConfig, apply_lora, lora_parameters, save_adapter
-from phi3fast.merge import merge_adapter
+from phi3fast.lora.merge import merge_adapter
 from phi3fast.model import load
 
 pytest.importorskip("gguf")
@@ -156,7 +156,7 @@ def test_bad_arguments_fail_before_any_work(
         raise AssertionError("work started")
 
     monkeypatch.setattr(export_mod, "write_gguf", boom)
-    monkeypatch.setattr("phi3fast.merge.merge_adapter", boom)
+    monkeypatch.setattr("phi3fast.lora.merge.merge_adapter", boom)
     (tmp_path / "file").write_text("x")
     cases = [
         (dict(out_file=tmp_path / "m.gguf", qtype="q5_k"), "type must be one of f16, q8_0, q4_0"),

@@ -44,7 +44,7 @@ def _check_args(out: Path, qtype: str, ollama_dir: Path | None) -> None:
 def _tensors(root: Path, stack: ExitStack) -> Iterator[tuple[str, Tensor]]:
     from safetensors import safe_open
 
-    from phi3fast.loading import weight_files
+    from phi3fast.model.loading import weight_files
 
     handles: dict[Path, object] = {}
     for key, file in weight_files(root).items():
@@ -68,8 +68,9 @@ def export_gguf(
     ollama = Path(ollama_dir).expanduser() if ollama_dir is not None else None
     _check_args(out, qtype, ollama)
     require_gguf("writing a GGUF file")
-    from phi3fast.config import load_config
-    from phi3fast.loading import load_tokenizer, resolve_model_dir
+    from phi3fast.model.config import load_config
+    from phi3fast.model.chat import load_tokenizer
+    from phi3fast.model.loading import resolve_model_dir
 
     root = resolve_model_dir(model_dir)
     load_config(root / "config.json")  # a Phi-3 checkpoint phi3fast loads, checked before any work
@@ -88,7 +89,7 @@ def export_gguf(
     try:
         source = root
         if adapter is not None:
-            from phi3fast.merge import merge_adapter
+            from phi3fast.lora.merge import merge_adapter
 
             source = merge_adapter(root, adapter, tmp_dir / "merged", dtype=torch.float32)
         tmp_file = tmp_dir / out.name
