@@ -13,7 +13,7 @@ On CUDA: bf16, Triton kernels (and both large-M paths of nf4_matmul, fused vs de
 evidence for the rule in kernels/nf4.py). On CPU: the torch reference path against bitsandbytes' CPU path, in
 bf16 by default (--dtype fp32 for fp32). Rows go to bench/results/kernels.json.
 
-Fused row-wise kernels (issue #7), CUDA only: rms_norm, rope_qkv_, swiglu and fused_linear_cross_entropy against
+Fused row-wise kernels, CUDA only: rms_norm, rope_qkv_, swiglu and fused_linear_cross_entropy against
 Liger-Kernel's equivalents (LigerRMSNormFunction 'llama' casting = our RMSNorm's, LigerRopeFunction on q/k views
 of the fused qkv with full-width cos/sin, LigerSiLUMulFunction on the gate/up halves and
 LigerFusedGateUpSiLUMulFunction on the fused gate_up, LigerFusedLinearCrossEntropyFunction) and eager torch, at
@@ -65,7 +65,7 @@ def bench(fn: Callable[[], object], device: torch.device) -> float:
     return timeit(fn, warmup=1, repeat=3, min_time=0.2)
 
 
-def cases(m, k, n, w, q, state, w_dense, a, b, dtype, backend):  # noqa: ANN001, ANN201
+def cases(m, k, n, w, q, state, w_dense, a, b, dtype, backend):
     """(op, impl, fn, flops, bytes) for one shape and M; phi3fast first, so peers can be compared to it."""
     import bitsandbytes as bnb
     from phi3fast.kernels import lora_linear, nf4, nf4_matmul
@@ -128,7 +128,7 @@ FUSED_M = [4096, 16384]  # tokens per step: 4 x 1024 and 8 x 2048
 
 
 def fused_cases(m: int, sizes: dict, device: torch.device, dtype: torch.dtype) -> list:  # noqa: C901
-    """(op, impl, fn, flops, bytes) for the issue #7 kernels at m tokens, each fn a forward + backward; phi3fast
+    """(op, impl, fn, flops, bytes) for the fused row-wise kernels at m tokens, each fn a forward + backward; phi3fast
     first. Every fn returns the forward output (for --check)."""
     import importlib
 
@@ -147,7 +147,7 @@ def fused_cases(m: int, sizes: dict, device: torch.device, dtype: torch.dtype) -
     ours = "triton"
     out = []
 
-    def fwd_bwd(forward: Callable[[], torch.Tensor], grad: torch.Tensor, leaves: list[torch.Tensor]):  # noqa: ANN202
+    def fwd_bwd(forward: Callable[[], torch.Tensor], grad: torch.Tensor, leaves: list[torch.Tensor]):
         def run() -> torch.Tensor:
             for t in leaves:
                 t.grad = None
@@ -253,7 +253,7 @@ def fused_section(device: torch.device, check: bool) -> None:
         print_table(rows, ["op", "impl", "rel_err_vs_torch", "error"])
         return
     if device.type != "cuda":
-        print("fused row-wise kernels (issue #7) vs Liger-Kernel and torch: needs CUDA, skipped on this CPU "
+        print("fused row-wise kernels vs Liger-Kernel and torch: needs CUDA, skipped on this CPU "
               "(timing Triton's interpreter would mean nothing)")  # fmt: skip
         return
     dtype = torch.bfloat16
@@ -290,7 +290,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="CPU: every shape and M (the CUDA default)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="CPU activation dtype")
     parser.add_argument("--section", choices=["nf4", "fused", "all"], default="all",
-                        help="nf4: NF4 matmul + LoRA; fused: the issue #7 row-wise kernels (CUDA)")  # fmt: skip
+                        help="nf4: NF4 matmul + LoRA; fused: the row-wise kernels (CUDA)")  # fmt: skip
     parser.add_argument(
         "--check", action="store_true", help="fused: run each case once at tiny sizes, no timing"
     )

@@ -40,7 +40,7 @@ LOADERS = {
 }
 
 _CHILD = """
-import json, time, torch, transformers, bitsandbytes, phi3fast.model, phi3fast.loading
+import json, time, torch, transformers, bitsandbytes, phi3fast.model, phi3fast.model.loading
 def status(key):
     for line in open('/proc/self/status'):
         if line.startswith(key):
@@ -110,10 +110,10 @@ def bench_decode(path: Path, new_tokens: int) -> list[dict]:
             peer = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         peer.eval()
 
-        def run_ours(model=ours) -> int:  # noqa: ANN001
+        def run_ours(model=ours) -> int:
             return len(list(generate_tokens(model, prompt, max_new_tokens=new_tokens, stop=set())))
 
-        def run_peer(model=peer) -> int:  # noqa: ANN001
+        def run_peer(model=peer) -> int:
             with torch.inference_mode():
                 out = model.generate(
                     torch.tensor([prompt]),
@@ -158,7 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:  # its own sizes replace the random model's

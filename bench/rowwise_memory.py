@@ -29,9 +29,9 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_rows  # noqa: E402
 
-from phi3fast.config import REGISTRY, Phi3Config  # noqa: E402
 from phi3fast.lora import LoraConfig, apply_lora  # noqa: E402
 from phi3fast.model import Phi3ForCausalLM  # noqa: E402
+from phi3fast.model.config import REGISTRY, Phi3Config  # noqa: E402
 
 
 def one_layer_model(variant: str, dtype: torch.dtype, device: torch.device) -> Phi3ForCausalLM:

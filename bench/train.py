@@ -4,7 +4,7 @@ with and without the fused kernels, and the peak-RSS saving of the chunked cross
     python bench/train.py [--hidden 512 --layers 4 --vocab 32064 --batch 4 --seq-len 512 --rank 16 --steps 4]
                           [--kernels triton,torch] [--section steps|loss-rss|all]
 
-Both sides train the same random Phi-3 checkpoint (written by phi3fast.tiny.init_tiny) on the same 4 x 512 token
+Both sides train the same random Phi-3 checkpoint (written by phi3fast.model.tiny.init_tiny) on the same 4 x 512 token
 rows with rank-16 LoRA on qkv_proj, o_proj, gate_up_proj and down_proj (alpha 32, dropout 0.05), AdamW, no
 gradient checkpointing. Each configuration runs in its own subprocess, so the peak RSS (ru_maxrss, model load
 included) is that side's alone. tokens/s is the median over the timed steps after warm-up. The peer runs in bf16
@@ -54,7 +54,7 @@ def make_data(model_dir: Path, path: Path, rows: int, seq_len: int) -> None:
     """Text rows that each tokenize to more than seq_len tokens (so every row is exactly seq_len after truncation)."""
     from transformers import AutoTokenizer
 
-    from phi3fast.tiny import CORPUS
+    from phi3fast.model.tiny import CORPUS
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     lines = [ln for ln in CORPUS.read_text().splitlines() if ln.strip()]
@@ -83,14 +83,11 @@ def worker_loss_rss(a: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from phi3fast import config, lora
-    from phi3fast.loss import chunked_cross_entropy
+    from phi3fast import lora
     from phi3fast.model import load
-    from phi3fast.train import resolve_dtype
+    from phi3fast.training.loss import chunked_cross_entropy
+    from phi3fast.training.precision import resolve_dtype
 
-    # The loader accepts registry variants (32 layers at hidden 3072) or tiny test models (hidden <= 1024); this
-    # one-layer slice of Phi-3-mini is neither, so this process alone raises the tiny limit to load it.
-    config.TINY_MAX_HIDDEN = max(config.TINY_MAX_HIDDEN, a.hidden)
     dtype = resolve_dtype(a.dtype, torch.device("cpu"))
     model = load(a.model, dtype=dtype, quantize="nf4")
     lora.apply_lora(model, lora.LoraConfig(r=a.rank, alpha=2 * a.rank, dropout=0.05))
@@ -135,7 +132,7 @@ def loss_rss_section(a: argparse.Namespace, tmp: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     print(f"loss-rss: writing a Phi-3-vocab checkpoint (hidden {a.rss_hidden}, {a.rss_layers} layer(s))",
           file=sys.stderr, flush=True)  # fmt: skip
@@ -327,7 +324,7 @@ def main() -> None:
 def steps_section(a: argparse.Namespace, tmp: Path) -> None:
     import torch
 
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     backends = [k.strip() for k in a.kernels.split(",") if k.strip()]
     rows = []

@@ -8,32 +8,21 @@ fit in registers without spilling (the AOT report checks every block size the Ph
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
 
-from phi3fast.errors import Phi3FastError
+from .backend import GPU_DTYPES, KernelInputError, pointer_type, resolve_backend
 
-from . import reference
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ELEMENTS_PER_THREAD = 16
 MAX_WARPS = 16  # 512 threads: 128 registers per thread still fit an SM's 64K with one program resident
-DTYPES = {
-    "bf16": "*bf16",
-    "fp16": "*fp16",
-}  # the GPU activation dtypes the AOT report compiles (fp32 runs too)
-
-
-class KernelInputError(Phi3FastError, ValueError):
-    """A bad argument to a row-wise op: a ValueError for Python callers, one clean line in the CLI."""
+# The GPU activation dtypes the AOT report compiles (fp32 runs too): name -> pointer type.
+AOT_DTYPES = {name: pointer_type(name) for name in GPU_DTYPES}
 
 
 def resolve(backend: str, t: Tensor) -> str:
     """'triton' or 'torch' (row-wise ops have no GEMM: any float dtype runs on the Triton path on CUDA)."""
-    return reference.resolve_backend(backend, t.device, t.dtype, gemm=False)
+    return resolve_backend(backend, t.device, t.dtype, gemm=False)
 
 
 def check_float(t: Tensor, name: str) -> None:

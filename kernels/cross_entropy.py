@@ -19,14 +19,13 @@ One row read, one row write (note): when the padded row fits in one block (V <= 
 program holds its whole row in registers: read once, gradient written once. Larger vocabularies loop over
 blocks twice (the online pass, then the gradient pass, whose re-read mostly hits L2).
 
-The chunk driver and the autograd Function take the row math as a parameter: `phi3fast.loss.ce_rows_torch` is
-the reference (backend='torch', the CPU runtime path) and `ce_rows_triton` the kernel, so both backends share
-everything but the row math.
+The chunk driver and the autograd Function take the row math as a parameter: `ce_rows_torch` is the reference
+(backend='torch', the CPU runtime path) and `ce_rows_triton` the kernel, so both backends share everything but
+the row math.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -34,12 +33,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from phi3fast import loss as _loss
-
-from . import reference
 from ._aot import AotSpec
+from .backend import KernelInputError, resolve_backend
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+IGNORE_INDEX = -100
+# 1024 rows x 32064 vocab x 4 bytes = 131 MB of fp32 logits at a time; large enough for full-speed matmuls.
+DEFAULT_CHUNK = 1024
 
 # 32768: Phi-3's padded vocabulary (32064 -> 32768) in one block; with 32 warps that is 32 values per thread,
 # which the AOT report shows fit in registers without spills.
@@ -101,6 +100,66 @@ def _ce_rows_kernel(
                 tl.store(ptr + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+# ---- torch reference and argument checks ----------------------------------------------------------------------
+
+
+def ce_rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) -> torch.Tensor:
+    """fp32 loss of each row of logits [n, V] against labels [n] (all in [0, V)); with write_grad, logits is
+    overwritten with d(loss)/d(logits) = softmax - onehot(labels)."""
+    x = logits.float()  # fp32 logits are used (and overwritten) in place; 16-bit ones get one fp32 copy
+    target = x.gather(1, labels[:, None]).squeeze(1)
+    # log-sum-exp by hand, in place: the exponentials it needs are the softmax the gradient needs.
+    peak = x.amax(dim=-1, keepdim=True)
+    expd = x.sub_(peak).exp_()
+    denom = expd.sum(dim=-1, keepdim=True)
+    loss = peak.squeeze(1) + denom.squeeze(1).log() - target
+    if write_grad:
+        p = expd.div_(denom)
+        p[torch.arange(p.shape[0], device=p.device), labels] -= 1.0
+        if p.data_ptr() != logits.data_ptr():
+            logits.copy_(p)
+    return loss
+
+
+def check_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int | None,
+    reduction: str,
+) -> tuple[torch.Tensor, int]:
+    """Validate the arguments of a chunked cross-entropy; returns labels as int64 with every ignored position
+    set to IGNORE_INDEX, and the chunk size (None -> DEFAULT_CHUNK)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise KernelInputError(
+            f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise KernelInputError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if labels.shape != hidden.shape[:1]:
+        raise KernelInputError(f"labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise KernelInputError(f"labels must be integers, got {labels.dtype}")
+    if reduction not in ("sum", "mean"):
+        raise KernelInputError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise KernelInputError(f"chunk_size must be >= 1, got {chunk_size}")
+    labels = labels.long()
+    ignored = labels == ignore_index
+    if ignore_index != IGNORE_INDEX:
+        labels = labels.masked_fill(ignored, IGNORE_INDEX)
+    v = weight.shape[0]
+    # The row kernel indexes the logits with the label, so an out-of-range one must never reach it.
+    bad = ~ignored & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise KernelInputError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {v}) and not the "
+                         f"ignore_index {ignore_index}")  # fmt: skip
+    return labels, chunk
+
+
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +202,7 @@ def chunked_forward(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     g_hidden = torch.zeros_like(hidden) if grad_h else None
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None
-    idx = (labels != _loss.IGNORE_INDEX).nonzero().squeeze(1)
+    idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     for s in range(0, idx.numel(), chunk_size):
         rows = idx[s : s + chunk_size]
         h = hidden.index_select(0, rows)
@@ -168,7 +227,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     keep as the input anyway) and, when the weight trains, dW."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, rows_fn):  # noqa: ANN001
+    def forward(ctx, hidden, weight, labels, chunk_size, rows_fn):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, g_hidden, g_weight = chunked_forward(
             hidden, weight, labels, chunk_size, need_h, need_w, rows_fn
@@ -179,7 +238,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001
+    def backward(ctx, grad_out):
         g_hidden, g_weight = ctx.saved_tensors
         dh = g_hidden * grad_out.to(g_hidden.dtype) if ctx.needs_input_grad[0] else None
         dw = (g_weight * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
@@ -190,7 +249,7 @@ def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    ignore_index: int = _loss.IGNORE_INDEX,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
     reduction: str = "sum",
     backend: str = "auto",
@@ -199,17 +258,17 @@ def fused_linear_cross_entropy(
 
     hidden [N, H], weight [V, H] (same dtype), labels [N] integer (ignore_index: no loss, no cost). reduction
     'sum' (the training loop divides by the token count of the whole accumulated batch) or 'mean' (over the
-    rows with a target; 0 when there are none). chunk_size: rows per chunk (None: phi3fast.loss.DEFAULT_CHUNK).
+    rows with a target; 0 when there are none). chunk_size: rows per chunk (None: DEFAULT_CHUNK).
     backend: 'auto' = Triton on CUDA, torch on CPU; 'triton' on CPU runs the interpreter (fp32/fp16)."""
-    labels, chunk = _loss.check_args(hidden, weight, labels, ignore_index, chunk_size, reduction)
-    resolved = reference.resolve_backend(backend, hidden.device, hidden.dtype, gemm=False)
-    rows_fn = _loss.ce_rows_torch if resolved == "torch" else ce_rows_triton
+    labels, chunk = check_args(hidden, weight, labels, ignore_index, chunk_size, reduction)
+    resolved = resolve_backend(backend, hidden.device, hidden.dtype, gemm=False)
+    rows_fn = ce_rows_torch if resolved == "torch" else ce_rows_triton
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss = FusedLinearCrossEntropyFunction.apply(hidden, weight, labels, chunk, rows_fn)
     else:
         loss = chunked_forward(hidden, weight, labels, chunk, False, False, rows_fn)[0]
     if reduction == "mean":
-        loss = loss / max(int((labels != _loss.IGNORE_INDEX).sum()), 1)
+        loss = loss / max(int((labels != IGNORE_INDEX).sum()), 1)
     return loss
 
 

@@ -1,4 +1,5 @@
-"""LoRA over a frozen NF4 weight: y = x W^T + scale * (x_lora A^T) B^T, fused forward and backward in Triton.
+"""LoRA over a frozen NF4 weight: y = x W^T + scale * (x_lora A^T) B^T, fused forward and backward in Triton;
+and the frozen NF4 weight alone (`nf4_linear`, no adapter), which still passes the gradient to its input.
 
 Forward: t = x_lora A^T [M, r] is one skinny GEMM; the base GEMM (nf4.py's kernels) adds scale * t B^T in its
 epilogue, so the output is written once and W is dequantized once, inside the main loop.
@@ -22,30 +23,19 @@ Saved for backward vs recomputed (note):
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import nf4, reference
+from . import nf4
+from . import nf4_reference as reference
 from ._aot import AotSpec
-from .nf4 import (
-    _DTYPES,
-    _grouped_tile,
-    _weight_args,
-    _weight_signature,
-    _weight_tile,
-    as_rows,
-)
-
-if TYPE_CHECKING:
-    from phi3fast.quant import NF4Weight
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
+from .backend import INTERPRET, KernelInputError, resolve_backend
+from .nf4 import AOT_DTYPES, _grouped_tile, _weight_args, _weight_signature, _weight_tile, as_rows
+from .nf4_reference import NF4Tensors
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 
@@ -119,7 +109,7 @@ def _lora_dx_kernel(
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
-def dx_fused(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+def dx_fused(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
     m, n = g2.shape
     k = w.shape[1]
     u, a, s = lora if lora is not None else (g2, g2, 0.0)
@@ -135,7 +125,7 @@ def dx_fused(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None
     return dx
 
 
-def dx_dequant(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+def dx_dequant(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
     """Large-M alternative: dequantize W once into a buffer, then cuBLAS."""
     dx = g2 @ nf4.dequantize_triton(w, g2.dtype)
     if lora is not None:
@@ -144,7 +134,7 @@ def dx_dequant(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | No
     return dx
 
 
-def dx_triton(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+def dx_triton(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
     m, n = g2.shape
     if m == 0:
         return g2.new_zeros((0, w.shape[1]))
@@ -153,14 +143,37 @@ def dx_triton(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | Non
     return dx_fused(g2, w, lora) if path == "fused" else dx_dequant(g2, w, lora)
 
 
+def dx_kernel(backend: str) -> Callable[[Tensor, NF4Tensors, tuple[Tensor, Tensor, float] | None], Tensor]:
+    """dX = dY W (+ scale * u A) for a resolved backend. Both autograd Functions below take their input gradient
+    from here, so a faster dX kernel for a device (a native CPU one) plugs in at this one place."""
+    return reference.lora_dx if backend == "torch" else dx_triton
+
+
 # ---- autograd ----------------------------------------------------------------------------------------------------
+
+
+class FrozenNF4Function(torch.autograd.Function):
+    """y = x W^T for a frozen NF4 W: differentiable in x only. The backward dequantizes W on the fly (the same dX
+    kernel as the LoRA backward); nothing of W is saved but the reference to its packed tensors."""
+
+    @staticmethod
+    def forward(ctx, x, w, backend):
+        x2 = as_rows(x)
+        out = reference.matmul_rows(x2, w) if backend == "torch" else nf4.matmul_triton(x2, w)
+        ctx.w, ctx.backend, ctx.x_shape = w, backend, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dx = dx_kernel(ctx.backend)(as_rows(grad_out), ctx.w, None)
+        return dx.view(ctx.x_shape), None, None
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """Inputs x, x_lora (None = x), A, B are differentiable; the NF4 weight is not a tensor and gets no grad."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, lora_a, lora_b, w, scale, backend):  # noqa: ANN001
+    def forward(ctx, x, x_lora, lora_a, lora_b, w, scale, backend):
         x2 = as_rows(x)
         xl2 = x2 if x_lora is None else as_rows(x_lora)
         # fp32 adapters over bf16 activations: compute in bf16; contiguous because the kernels assume unit stride.
@@ -178,7 +191,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001
+    def backward(ctx, grad_out):
         xl2, t, lora_a, lora_b = ctx.saved_tensors
         need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
         scale = ctx.scale
@@ -188,8 +201,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = dxl = da = db = None
         if need_x:
             lora = (u, a, scale) if ctx.same else None
-            dx_fn = reference.lora_dx if ctx.backend == "torch" else dx_triton
-            dx = dx_fn(g2, ctx.w, lora).view(ctx.x_shape)
+            dx = dx_kernel(ctx.backend)(g2, ctx.w, lora).view(ctx.x_shape)
         if need_xl:
             dxl = (scale * (u @ a)).view(ctx.xl_shape)
         if need_a:
@@ -201,7 +213,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def lora_linear(
     x: Tensor,
-    w: NF4Weight | Tensor,
+    w: NF4Tensors | Tensor,
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
@@ -214,10 +226,10 @@ def lora_linear(
     A dense w [N, K] (LoRA over a 16-bit base) runs as plain matmuls on every backend."""
     if isinstance(w, Tensor):
         if w.dim() != 2:
-            raise reference.Phi3FastError(f"dense w of shape {tuple(w.shape)}: expected (N, K)")
+            raise KernelInputError(f"dense w of shape {tuple(w.shape)}: expected (N, K)")
         n, k = w.shape
         reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
-        reference.resolve_backend(backend, x.device, x.dtype, gemm=False)  # still reject a bad backend name
+        resolve_backend(backend, x.device, x.dtype, gemm=False)  # still reject a bad backend name
         xl = x if x_lora is None else x_lora
         lora = torch.nn.functional.linear(
             torch.nn.functional.linear(xl, lora_a.to(x.dtype)), lora_b.to(x.dtype)
@@ -225,9 +237,22 @@ def lora_linear(
         return torch.nn.functional.linear(x, w.detach().to(x.dtype)) + scale * lora
     n, k = reference.check_weight(w)
     reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
-    resolved = reference.resolve_backend(backend, x.device, x.dtype)
+    resolved = resolve_backend(backend, x.device, x.dtype)
     out = LoraLinearFunction.apply(x, x_lora, lora_a, lora_b, w, float(scale), resolved)
     return out.view(*x.shape[:-1], n)
+
+
+def nf4_linear(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
+    """x [..., K] @ W^T -> [..., N] for a frozen NF4 W, differentiable in x (W gets no gradient): what a projection
+    without an adapter runs while layers below it train. Without autograd it is nf4_matmul."""
+    n, k = reference.check_weight(w)
+    reference.check_input(x, k)
+    resolved = resolve_backend(backend, x.device, x.dtype)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        out = reference.nf4_matmul(x, w) if resolved == "torch" else nf4.matmul_triton(as_rows(x), w)
+        return out.view(*x.shape[:-1], n)
+    # [M, N] from the Function, viewed outside it: an ordinary autograd view that in-place ops may modify.
+    return FrozenNF4Function.apply(x, w, resolved).view(*x.shape[:-1], n)
 
 
 # ---- AOT specs ---------------------------------------------------------------------------------------------------
@@ -238,7 +263,7 @@ def aot_specs() -> list[AotSpec]:
     specs = []
     kernel = _lora_dx_kernel.fn
     for dq in (True, False):
-        for dname, ptr in _DTYPES.items():
+        for dname, ptr in AOT_DTYPES.items():
             for lora in (False, True):
                 sig = {
                     "g_ptr": ptr, **_weight_signature(dq), "u_ptr": ptr, "a_ptr": ptr, "dx_ptr": ptr,

@@ -1,5 +1,8 @@
 """NF4 dequantization and dequant-fused matmul (x @ W^T) in Triton.
 
+Size (note): past ~400 lines because it is one op family (dequantize, fused matmul, small-M matmul) whose tile
+helpers lora.py's dX kernel reuses; split, a kernel would sit apart from its launcher and its AOT specs.
+
 Layout (bitsandbytes'): `packed` holds W[N, K] row-major, element 2i in the high nibble of byte i and 2i+1 in the
 low nibble; one absmax per `blocksize` consecutive elements. Since K % blocksize == 0, a K-tile of width
 BLOCK_K <= blocksize (blocksize % BLOCK_K == 0) sits inside one absmax block per row of W, so a tile needs one scale
@@ -23,20 +26,17 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
+from . import nf4_reference as reference
 from ._aot import AotSpec
+from .backend import GPU_DTYPES, INTERPRET, pointer_type, resolve_backend
+from .nf4_reference import NF4Tensors
 
-if TYPE_CHECKING:
-    from phi3fast.quant import NF4Weight
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M = 16  # rows up to which the decode kernel runs: one 16-row tile, the smallest tl.dot M
 R_BLOCK = 16  # LoRA ranks per epilogue tl.dot: 16 is tl.dot's smallest K; larger ranks loop, so one compile serves all
 
@@ -238,14 +238,14 @@ def _nf4_matmul_small_m_kernel(
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
-def _weight_args(w: NF4Weight) -> tuple[Tensor, ...]:
+def _weight_args(w: NF4Tensors) -> tuple[Tensor, ...]:
     """Pointers the kernels read; without double quant the nested slots get absmax (never read)."""
     if w.double_quant:
         return (w.packed, w.absmax, w.code, w.nested_code, w.nested_absmax, w.offset)
     return (w.packed, w.absmax, w.code, w.absmax, w.absmax, w.absmax)
 
 
-def dequantize_triton(w: NF4Weight, dtype: torch.dtype) -> Tensor:
+def dequantize_triton(w: NF4Tensors, dtype: torch.dtype) -> Tensor:
     n, k = reference.check_weight(w)
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
     n_bytes = n * k // 2
@@ -281,7 +281,7 @@ def _lora_args(lora: tuple[Tensor, Tensor, float] | None, x: Tensor) -> tuple[Te
     return t, b, float(s), t.shape[1]
 
 
-def matmul_small_m(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+def matmul_small_m(x2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     m, k = x2.shape
     n = w.shape[0]
     assert m <= SMALL_M
@@ -300,7 +300,7 @@ def matmul_small_m(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] 
     return partial[: grid[1]].sum(0).to(x2.dtype)
 
 
-def matmul_fused(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+def matmul_fused(x2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     m, k = x2.shape
     n = w.shape[0]
     t, b, s, r = _lora_args(lora, x2)
@@ -315,7 +315,7 @@ def matmul_fused(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | 
     return out
 
 
-def matmul_dequant(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+def matmul_dequant(x2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     """Large-M alternative: dequantize once to x's dtype, then cuBLAS (the LoRA term via addmm)."""
     out = x2 @ dequantize_triton(w, x2.dtype).t()
     if lora is not None:
@@ -346,7 +346,7 @@ def large_m_path(key: tuple, fused, dequant) -> str:
     return _LARGE_M_CHOICE[key]
 
 
-def matmul_triton(x2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+def matmul_triton(x2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     """[M, K] @ W^T (+ scale * t @ B^T) with the path chosen by M (see the module docstring)."""
     m, k = x2.shape
     if m == 0:
@@ -367,26 +367,26 @@ def as_rows(x: Tensor) -> Tensor:
 # ---- public ops --------------------------------------------------------------------------------------------------
 
 
-def nf4_dequantize(w: NF4Weight, dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> Tensor:
+def nf4_dequantize(w: NF4Tensors, dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> Tensor:
     """W [N, K] in dtype."""
     reference.check_weight(w)
-    if reference.resolve_backend(backend, w.packed.device, dtype, gemm=False) == "torch":
+    if resolve_backend(backend, w.packed.device, dtype, gemm=False) == "torch":
         return reference.dequantize(w, dtype)
     return dequantize_triton(w, dtype)
 
 
-def nf4_matmul(x: Tensor, w: NF4Weight, backend: str = "auto") -> Tensor:
+def nf4_matmul(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype, fp32 accumulation."""
     n, k = reference.check_weight(w)
     reference.check_input(x, k)
-    if reference.resolve_backend(backend, x.device, x.dtype) == "torch":
+    if resolve_backend(backend, x.device, x.dtype) == "torch":
         return reference.nf4_matmul(x, w)
     return matmul_triton(as_rows(x), w).view(*x.shape[:-1], n)
 
 
 # ---- AOT specs ---------------------------------------------------------------------------------------------------
 
-_DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}  # reference.GPU_DTYPES: the activations Triton GEMMs run with
+AOT_DTYPES = {name: pointer_type(name) for name in GPU_DTYPES}  # the activations Triton GEMMs run with
 
 
 def _weight_signature(double_quant: bool) -> dict[str, str]:
@@ -404,7 +404,10 @@ def aot_specs() -> list[AotSpec]:
     """Every (dtype, double quant, LoRA epilogue, tile config) the launchers can run on a GPU."""
     specs = []
     for dq in (True, False):
-        for dname, ptr in {**_DTYPES, "fp32": "*fp32"}.items():  # nf4_dequantize may also write fp32
+        for dname, ptr in {
+            **AOT_DTYPES,
+            "fp32": pointer_type("fp32"),
+        }.items():  # nf4_dequantize may also write fp32
             sig = {**_weight_signature(dq), "out_ptr": ptr, "n_bytes": "i32", "blocksize": "i32"}
             sig = {k: sig[k] for k in _nf4_dequant_kernel.arg_names if k in sig}
             specs.append(AotSpec(_nf4_dequant_kernel, "nf4_dequant", f"{dname},dq={int(dq)},BLOCK=1024", sig,

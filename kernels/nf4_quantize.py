@@ -1,12 +1,13 @@
 """NF4 quantization in Triton: per-block absmax, 4-bit codes and nibble packing, bit-identical to bitsandbytes.
 
-Used by `phi3fast.quant.quantize_nf4` for CUDA tensors (quantizing a 3.8B model at load time). Two passes over W:
+Used by `phi3fast.quant.quantize_nf4` for CUDA tensors; `quantize_blocks_torch` below is the torch reference and the
+CPU path (quantizing a 3.8B model at load time). Two passes over W:
 `_block_absmax_kernel` writes the per-block absmax, torch takes the reciprocals (one IEEE division per block), and
 `_nf4_quantize_kernel` writes the packed codes: W is read twice (bf16: 4 bytes read + 0.5 written per element;
 at HBM bandwidth that is milliseconds per GB of weights, an estimate: no GPU was available to measure it, against
-seconds to read a checkpoint from disk). The double quantization of the
-absmax (1/64 of the data) and the final partial block (< blocksize elements, when numel % blocksize != 0) stay
-in torch, in `phi3fast.quant`, so both paths share that code.
+seconds to read a checkpoint from disk). The final partial block
+(< blocksize elements, when numel % blocksize != 0) stays in torch (`quantize_blocks_torch`), so both paths share
+that code; the double quantization of the absmax (1/64 of the data) is the format's, in phi3fast.quant.
 
 Exactness (what makes the codes equal bitsandbytes' and the torch path's):
 - the reciprocal of each absmax is rounded once (torch's IEEE division; Triton's default fp32 `/` on CUDA is an
@@ -17,16 +18,44 @@ Exactness (what makes the codes equal bitsandbytes' and the torch path's):
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from phi3fast.quant import NF4_BOUNDS, SUPPORTED_BLOCKSIZES, quantize_blocks_torch
-
 from ._aot import AotSpec
+from .backend import DTYPES, KernelInputError, pointer_type
 
-_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# bitsandbytes' NF4 codebook (QLoRA, Dettmers et al. 2023): the 16 quantiles of N(0, 1), normalized to [-1, 1].
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+# fp32 midpoints between neighbouring codes; equal to the pivots of bitsandbytes' CUDA decision tree.
+NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
+# Elements per CPU chunk: a multiple of every blocksize; ~14 bytes of temporaries per element -> ~3.5 MB.
+CPU_CHUNK = 1 << 18
 # At least 1024 elements per program and 8 per thread (4 warps): one 16-byte vector load per thread for bf16.
 # 32 per thread needed 160-180 registers and spilled on sm_90. A block larger than 1024 elements must stay in one
 # program (one absmax), so it gets more warps instead.
@@ -79,9 +108,9 @@ def _nf4_quantize_kernel(
 def nf4_quantize_blocks(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     """Packed codes uint8 [ceil(n/2), 1] and fp32 absmax [nblocks] of W (any shape, fp32/fp16/bf16)."""
     if blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize}")
+        raise KernelInputError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize}")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"w must be float32, float16 or bfloat16, got {w.dtype}")
+        raise KernelInputError(f"w must be float32, float16 or bfloat16, got {w.dtype}")
     flat = w.reshape(-1).contiguous()
     n = flat.numel()
     n_full = n // blocksize
@@ -109,10 +138,90 @@ def launch_config(blocksize: int) -> tuple[int, int]:
     return elements // blocksize, elements // (32 * ELEMENTS_PER_THREAD)
 
 
+# ---- torch reference (the CPU path) -----------------------------------------------------------------------------
+
+
+def quantize_blocks_torch(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes uint8 [ceil(n/2), 1] and fp32 absmax [nblocks] of W (any shape), bitsandbytes' rounding.
+
+    Works through W in chunks of whole blocks (CPU_CHUNK elements: the temporaries stay in L2, and peak memory
+    stays a few MB above the output whatever the size of W).
+    """
+    flat = w.reshape(-1)
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+    out = packed.view(-1)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
+    full_n = n - n % blocksize
+    chunk = max(CPU_CHUNK // blocksize, 1) * blocksize  # whole blocks, an even count
+    for start in range(0, full_n, chunk):
+        blocks = flat[start : min(start + chunk, full_n)].float().view(-1, blocksize)
+        am = blocks.abs().amax(dim=1)  # not torch.aminmax: slower on CPU (docs/nf4-format.md)
+        absmax[start // blocksize : start // blocksize + am.numel()] = am
+        # Multiply by the rounded reciprocal, as bitsandbytes does; clamp(min=1e-38) keeps all-zero blocks at 0.
+        scaled = torch.mul(blocks, (1.0 / am.clamp_(min=1e-38))[:, None]).clamp_(-1, 1)
+        out[start // 2 : start // 2 + scaled.numel() // 2] = _pack_pairs(_nf4_codes(scaled.view(-1)))
+    if full_n < n:  # the final partial block: bitsandbytes divides here instead, and keeps the clamped absmax
+        tail = flat[full_n:].float()
+        am_tail = tail.abs().max().clamp(min=1e-38)
+        absmax[-1] = am_tail
+        scaled = (tail / am_tail).clamp_(-1, 1)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(
+                scaled, (0, 1)
+            )  # the pad nibble is the code of 0.0 (7), as in bnb
+        out[full_n // 2 :] = _pack_pairs(_nf4_codes(scaled.view(-1)))
+    return packed, absmax
+
+
+def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """uint8 codes of values in [-1, 1]: how many codebook midpoints lie strictly below each (ties round down).
+
+    Exact table lookup on the top 16 bits of the fp32 pattern (sign, exponent, 7 mantissa bits): all floats with
+    the same top bits form one interval, which holds at most one midpoint, so code = base[key] + (x > mid[key]).
+    Two gathers and a compare cost less than 15 compare-and-add passes or torch.bucketize (docs/nf4-format.md).
+    """
+    base, mid = _code_tables(scaled.device)
+    key = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
+    codes = base.index_select(0, key.view(-1)).view(scaled.shape)
+    codes += scaled > mid.index_select(0, key.view(-1)).view(scaled.shape)
+    return codes
+
+
+_CODE_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _CODE_TABLES:
+        top = (
+            torch.arange(65536, dtype=torch.int32) << 16
+        )  # wraps to the sign bit for keys >= 2**15, as wanted
+        ends = torch.stack((top.view(torch.float32), (top | 0xFFFF).view(torch.float32)))
+        ends = ends.nan_to_num(0.0, 0.0, 0.0).clamp(-1, 1)  # inf/NaN patterns never occur in clamped values
+        lo, hi = torch.bucketize(ends.amin(0), NF4_BOUNDS), torch.bucketize(ends.amax(0), NF4_BOUNDS)
+        assert int((hi - lo).max()) <= 1, "a 16-bit bucket straddles two NF4 midpoints"
+        mid = torch.where(hi > lo, NF4_BOUNDS[lo.clamp(max=14)], torch.tensor(2.0))  # 2.0: never exceeded
+        _CODE_TABLES[device] = (lo.to(torch.uint8).to(device), mid.to(device))
+    return _CODE_TABLES[device]
+
+
+def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """[2n] uint8 codes -> [n] bytes, code 2i in the high nibble and 2i + 1 in the low one."""
+    if (
+        sys.byteorder == "little"
+    ):  # one int16 lane holds the pair (2i in its low byte): faster than strided writes
+        pairs = codes.view(torch.int16)
+        return ((pairs << 4) | (pairs >> 8)).to(torch.uint8)
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
 def aot_specs() -> list[AotSpec]:
     """Every (input dtype, blocksize) launch of the quantize kernel."""
     specs = []
-    for dname, ptr in _DTYPES.items():
+    for dname in DTYPES:
+        ptr = pointer_type(dname)
         for bs in SUPPORTED_BLOCKSIZES:
             bpp, warps = launch_config(bs)
             cfg = f"{dname},BLOCKSIZE={bs},BLOCKS_PER_PROGRAM={bpp},w={warps},s={NUM_STAGES}"

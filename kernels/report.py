@@ -60,7 +60,7 @@ def collect_specs() -> list:
 
     specs = []
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name in ("report", "_aot", "reference"):
+        if info.name in ("report", "_aot", "backend", "nf4_reference"):
             continue
         module = importlib.import_module(f"{pkg.__name__}.{info.name}")
         if hasattr(module, "aot_specs"):
@@ -68,7 +68,7 @@ def collect_specs() -> list:
     return specs
 
 
-def compile_spec(spec, arch: str, workdir: Path) -> Row:  # noqa: ANN001
+def compile_spec(spec, arch: str, workdir: Path) -> Row:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

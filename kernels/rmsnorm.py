@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _rowwise
 from ._aot import AotSpec
-from ._rowwise import KernelInputError
+from .backend import KernelInputError
 
 # ---- kernels -----------------------------------------------------------------------------------------------------
 
@@ -126,7 +126,7 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):  # noqa: ANN001
+    def forward(ctx, x, weight, eps):
         x2 = _rowwise.unit_stride_rows(x)
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
         y, rstd = forward_triton(x2, weight.contiguous(), eps, out_dtype)
@@ -135,7 +135,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: ANN001
+    def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         dx, dw = backward_triton(_rowwise.unit_stride_rows(dy), x2, weight.contiguous(), rstd, need_dw)
@@ -170,7 +170,7 @@ def aot_specs() -> list[AotSpec]:
     """Forward and backward (with and without dW) for the GPU activation dtypes at Phi-3's hidden sizes, with the
     alignment the JIT specializes at those sizes (16-byte vector loads; none at the odd width 130)."""
     specs = []
-    for dname, ptr in _rowwise.DTYPES.items():
+    for dname, ptr in _rowwise.AOT_DTYPES.items():
         for h in AOT_WIDTHS:
             block, warps = _rowwise.block_and_warps(h)
             sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "rstd_ptr": "*fp32", "H": "i32",

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _rowwise
 from ._aot import AotSpec
-from ._rowwise import KernelInputError
+from .backend import INTERPRET, KernelInputError
 
 # 1024 columns per program with 4 warps: 8 fp32 values of each live array per thread (one 16-byte bf16 vector).
 # A Phi-3 row (I = 8192 or 17920) spans 8 or 18 programs; the interpreter uses 64, so width 130 spans three programs, the last one masked.
@@ -61,7 +61,7 @@ def _swiglu_bwd_kernel(
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
-def block_size(interpret: bool = _rowwise.INTERPRET) -> int:
+def block_size(interpret: bool = INTERPRET) -> int:
     return INTERPRET_BLOCK if interpret else BLOCK
 
 
@@ -91,14 +91,14 @@ def backward_triton(dy2: Tensor, gu2: Tensor) -> Tensor:
 
 
 def swiglu_reference(gate_up: Tensor) -> Tensor:
-    """The CPU runtime path and the tests' oracle: phi3fast.model.MLP's former math, op for op."""
+    """The CPU runtime path and the tests' oracle: transformers' Phi3MLP math, up * silu(gate), op for op."""
     gate, up = gate_up.chunk(2, dim=-1)
     return up * torch.nn.functional.silu(gate)
 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up):  # noqa: ANN001
+    def forward(ctx, gate_up):
         gu2 = _rowwise.unit_stride_rows(gate_up)
         out = forward_triton(gu2)
         ctx.save_for_backward(gu2)
@@ -106,7 +106,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return out.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: ANN001
+    def backward(ctx, dy):
         (gu2,) = ctx.saved_tensors
         return backward_triton(_rowwise.unit_stride_rows(dy), gu2).view(ctx.shape)
 
@@ -130,7 +130,7 @@ def aot_specs() -> list[AotSpec]:
     """Forward and backward for the GPU activation dtypes (one block size serves every width)."""
     specs = []
     bi = block_size(interpret=False)
-    for dname, ptr in _rowwise.DTYPES.items():
+    for dname, ptr in _rowwise.AOT_DTYPES.items():
         cfg = f"{dname},BLOCK_I={bi},w={NUM_WARPS}"
         sig = {"gu_ptr": ptr, "out_ptr": ptr, "n_cols": "i32", "stride_gu": "i32", "stride_out": "i32"}
         # I = 8192 or 17920 and the row strides are multiples of 16 on Phi-3: aligned as the JIT sees them.

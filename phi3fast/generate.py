@@ -11,7 +11,6 @@ re-encoded once at that point (transformers does the same).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,39 +18,8 @@ import torch
 from torch import Tensor
 
 from phi3fast.errors import Phi3FastError
-from phi3fast.model import Phi3ForCausalLM
-
-ROLES = ("system", "user", "assistant")
-
-
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise Phi3FastError("messages must be a non-empty list of {'role', 'content'} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise Phi3FastError(f"messages[{i}]: needs 'role' in {ROLES} and a string 'content', got {m!r}")
-    return messages
-
-
-def stop_ids(model: Phi3ForCausalLM) -> set[int]:
-    """<|end|>, the tokenizer's eos and every eos id in generation_config.json / config."""
-    tok = model.tokenizer
-    ids: set[int] = set()
-    end = tok.convert_tokens_to_ids("<|end|>")
-    if isinstance(end, int) and end != tok.unk_token_id:
-        ids.add(end)
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    eos = model.config.eos_token_id
-    ids.update([eos] if isinstance(eos, int) else list(eos or ()))
-    gen = model.model_dir / "generation_config.json" if model.model_dir is not None else None
-    if gen is not None and gen.is_file():
-        try:
-            g = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise Phi3FastError(f"{gen}: not valid JSON ({e})") from None
-        ids.update([g] if isinstance(g, int) else list(g or ()))
-    return ids
+from phi3fast.model.chat import chat_prompt_ids, stop_ids
+from phi3fast.model.phi3 import Phi3ForCausalLM
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -151,14 +119,6 @@ def detokenize(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if len(text) > len(sent):
         yield text[len(sent) :]
-
-
-def chat_prompt_ids(model: Phi3ForCausalLM, messages: list[dict[str, str]]) -> list[int]:
-    """Phi-3's chat template with the assistant turn opened; the template supplies every special token."""
-    text = model.tokenizer.apply_chat_template(
-        check_messages(messages), tokenize=False, add_generation_prompt=True
-    )
-    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def stream_chat(

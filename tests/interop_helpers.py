@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phi3fast.tiny import _write_tokenizer, train_tokenizer
+from phi3fast.model.tiny import _write_tokenizer, train_tokenizer
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3fast.tiny import init_tiny
+from phi3fast.model.tiny import init_tiny
 
 # The one tolerance table: relative error of logits ||a - b|| / ||b|| (the brief's parity target, fp32).
 REL_TOL = {torch.float32: 1e-3}
@@ -26,13 +26,13 @@ def make_tiny(factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def hf_model(path: Path):  # noqa: ANN201
+def hf_model(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def hf_bnb_model(path: Path):  # noqa: ANN201
+def hf_bnb_model(path: Path):
     """transformers + bitsandbytes 4-bit NF4 (double quant) on CPU, its fp32 path (no silent bf16 kernel)."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3fast.data import (
+from phi3fast.errors import Phi3FastError
+from phi3fast.training.data import (
     IGNORE_INDEX,
     build_rows,
     collate,
@@ -17,7 +18,6 @@ from phi3fast.data import (
     pack,
     parse_row,
 )
-from phi3fast.errors import Phi3FastError
 
 DATA = Path(__file__).parent / "data"
 
@@ -174,7 +174,7 @@ def test_truncation(tok):
     )
     rows, stats = build_rows([ex, long_prompt], tok, 4, False)
     assert (stats.samples, stats.truncated, stats.dropped) == (1, 1, 1) and len(rows) == 1
-    with pytest.raises(Phi3FastError, match="f: no row has a trained token within --seq-len 3"):
+    with pytest.raises(Phi3FastError, match="f: no row has a trained token within seq_len 3"):
         build_rows([long_prompt], tok, 3, False)
 
 

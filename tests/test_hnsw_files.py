@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import hnswlib
@@ -227,3 +229,68 @@ def test_truncated_or_mismatched_hnswlib_files_raise(tmp_path: Path) -> None:
     struct.pack_into("<I", bad, 96 + 5 * 140 + 4, 10**6)  # a link to an element that does not exist
     with pytest.raises(RuntimeError, match="links to a missing element"):
         load_bytes(tmp_path, bytes(bad))
+
+
+def test_hnswlib_file_with_a_label_twice_loads_as_hnswlib_does(tmp_path: Path) -> None:
+    # hnswlib's add_items(replace_deleted=True) puts a label into a vacant slot without checking whether a
+    # live slot holds it already, so valid hnswlib files can hold one label in two level-0 slots. Its loader
+    # lets the last slot win the label; ours must load such files the same way.
+    theirs = hnswlib.Index("l2", DIM)
+    theirs.init_index(60, M=8, ef_construction=60, allow_replace_deleted=True)
+    x = data(50, seed=6)
+    theirs.add_items(x, np.arange(50))
+    theirs.mark_deleted(45)
+    new_vec = data(1, seed=7)
+    theirs.add_items(new_vec, [2], replace_deleted=True)  # slot 45 now holds label 2; slot 2 still does too
+    theirs.save_index(str(tmp_path / "h.bin"))
+    labels_in_file = [
+        struct.unpack_from("<Q", (tmp_path / "h.bin").read_bytes(), 96 + i * 140 + 132)[0] for i in range(50)
+    ]
+    assert labels_in_file.count(2) == 2  # the premise: the file really holds label 2 twice
+    loaded_theirs = hnswlib.Index("l2", DIM)
+    loaded_theirs.load_index(str(tmp_path / "h.bin"), allow_replace_deleted=True)
+    ours = hnsw.Index("l2", DIM)
+    ours.load_index(str(tmp_path / "h.bin"), allow_replace_deleted=True)
+    assert sorted(ours.get_ids_list()) == sorted(loaded_theirs.get_ids_list())
+    np.testing.assert_array_equal(ours.get_items([2, 3]), loaded_theirs.get_items([2, 3]))
+    np.testing.assert_array_equal(ours.get_items([2]), new_vec)
+    q = np.concatenate([x[:10], new_vec])
+    for ix in (ours, loaded_theirs):
+        ix.set_ef(60)
+    np.testing.assert_array_equal(ours.knn_query(q, k=3)[0], loaded_theirs.knn_query(q, k=3)[0])
+    # deleting and replacing the label afterwards acts on the slot that won it
+    ours.mark_deleted(2)
+    with pytest.raises(RuntimeError, match="Label not found"):
+        ours.get_items([2])
+    ours.add_items(data(1, seed=8), [77], replace_deleted=True)
+    np.testing.assert_array_equal(ours.get_items([77]), data(1, seed=8))
+    assert 3 in ours.get_ids_list() and 77 in ours.get_ids_list()
+
+
+def test_a_tiny_file_declaring_a_huge_capacity_costs_no_memory_until_used(tmp_path: Path) -> None:
+    # 96 bytes of hnswlib header declaring 20M elements (dim 16, M=16: ~5 GB of node arrays). The capacity
+    # must cost address space only: resident memory grows by what the few added nodes and queries touch.
+    M, dim, cap = 16, DIM, 20_000_000
+    off_data = 4 * (2 * M + 1)
+    head = struct.pack("<6Q i I 3Q d Q", 0, cap, 0, off_data + 4 * dim + 8, off_data + 4 * dim, off_data,
+                       -1, 0xFFFFFFFF, M, 2 * M, M, 1 / np.log(M), 100)  # fmt: skip
+    path = tmp_path / "tiny.bin"
+    path.write_bytes(head)
+    code = f"""
+import resource, numpy as np
+from phi3fast import hnsw
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+ix = hnsw.Index("l2", {dim})
+before = rss_mb()
+ix.load_index({str(path)!r})
+assert ix.get_max_elements() == {cap} and ix.get_current_count() == 0
+x = np.random.default_rng(0).standard_normal((50, {dim})).astype(np.float32)
+ix.add_items(x)
+labels, _ = ix.knn_query(x, k=1)
+assert (labels.ravel() == np.arange(50)).all()
+print(rss_mb() - before)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip()) < 64, r.stdout  # MB; 20M x (level + upper-list pointer) alone is 240 MB

@@ -14,7 +14,8 @@ import pytest
 
 from phi3fast.interop.chat_turns import chat_turns, end_of_turn
 from phi3fast.interop.ollama import go_template, modelfile
-from phi3fast.tiny import PHI3_CHAT_TEMPLATE, train_tokenizer
+from phi3fast.model.chat import PHI3_CHAT_TEMPLATE
+from phi3fast.model.tiny import train_tokenizer
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

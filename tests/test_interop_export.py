@@ -22,7 +22,7 @@ from phi3fast.interop.convert import convert
 from phi3fast.interop.export import export_gguf
 from phi3fast.interop.gguf_write import dequantized
 from phi3fast.lora import LoraConfig, apply_lora, lora_parameters, save_adapter
-from phi3fast.merge import merge_adapter
+from phi3fast.lora.merge import merge_adapter
 from phi3fast.model import load
 
 pytest.importorskip("gguf")
@@ -156,7 +156,7 @@ def test_bad_arguments_fail_before_any_work(
         raise AssertionError("work started")
 
     monkeypatch.setattr(export_mod, "write_gguf", boom)
-    monkeypatch.setattr("phi3fast.merge.merge_adapter", boom)
+    monkeypatch.setattr("phi3fast.lora.merge.merge_adapter", boom)
     (tmp_path / "file").write_text("x")
     cases = [
         (dict(out_file=tmp_path / "m.gguf", qtype="q5_k"), "type must be one of f16, q8_0, q4_0"),
@@ -209,3 +209,15 @@ def test_cli_export_and_modelfile(tiny: Path, adapter: Path, tmp_path: Path) -> 
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_unsupported_rope_is_refused_up_front(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "partial_rotary_factor": 0.5}))
+    with pytest.raises(Phi3FastError, match="partial rotary"):
+        export_gguf(ckpt, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -11,9 +11,10 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from phi3fast.kernels import nf4, nf4_dequantize, nf4_matmul, reference
+from phi3fast.kernels import nf4, nf4_dequantize, nf4_matmul
+from phi3fast.kernels import nf4_reference as reference
+from phi3fast.kernels.backend import KernelInputError
 
-from phi3fast.errors import Phi3FastError
 from phi3fast.quant import NF4Weight, quantize_nf4
 
 # (atol, rtol) per dtype: |actual - expected| <= atol * max|expected| + rtol * |expected|, against an fp32 oracle
@@ -130,36 +131,36 @@ def test_matmul_empty_batch() -> None:
 
 def test_k_not_multiple_of_blocksize() -> None:
     w = quantize_nf4(torch.randn(64, 96), blocksize=64)  # valid for bitsandbytes (flat blocks), not for tiles
-    with pytest.raises(Phi3FastError, match=r"K=96 and N=64 must both be multiples of the blocksize 64"):
+    with pytest.raises(KernelInputError, match=r"K=96 and N=64 must both be multiples of the blocksize 64"):
         nf4_matmul(torch.randn(2, 96), w, backend="triton")
-    with pytest.raises(Phi3FastError, match="multiples of the blocksize"):
+    with pytest.raises(KernelInputError, match="multiples of the blocksize"):
         nf4_dequantize(w, backend="torch")
 
 
 def test_n_not_multiple_of_blocksize() -> None:
     w = quantize_nf4(torch.randn(96, 128), blocksize=64)
-    with pytest.raises(Phi3FastError, match=r"N=96 must both be multiples"):
+    with pytest.raises(KernelInputError, match=r"N=96 must both be multiples"):
         nf4_matmul(torch.randn(2, 128), w)
 
 
 def test_x_wrong_width_and_dtype() -> None:
     w = quantize_nf4(torch.randn(64, 128))
-    with pytest.raises(Phi3FastError, match=r"x of shape \(2, 64\): the last dimension must be K=128"):
+    with pytest.raises(KernelInputError, match=r"x of shape \(2, 64\): the last dimension must be K=128"):
         nf4_matmul(torch.randn(2, 64), w, backend="triton")
-    with pytest.raises(Phi3FastError, match="floating-point"):
+    with pytest.raises(KernelInputError, match="floating-point"):
         nf4_matmul(torch.ones(2, 128, dtype=torch.int64), w)
 
 
 def test_bad_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     w = quantize_nf4(torch.randn(64, 128))
-    with pytest.raises(Phi3FastError, match="backend='cuda': expected one of"):
+    with pytest.raises(KernelInputError, match="backend='cuda': expected one of"):
         nf4_matmul(torch.randn(2, 128), w, backend="cuda")
-    with pytest.raises(Phi3FastError, match="interpreter, which cannot compute in bf16"):
+    with pytest.raises(KernelInputError, match="interpreter, which cannot compute in bf16"):
         nf4_matmul(torch.randn(2, 128).bfloat16(), w, backend="triton")
-    with pytest.raises(Phi3FastError, match="interpreter, which cannot compute in bf16"):
+    with pytest.raises(KernelInputError, match="interpreter, which cannot compute in bf16"):
         nf4_dequantize(w, torch.bfloat16, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(Phi3FastError, match="needs Triton's interpreter"):
+    with pytest.raises(KernelInputError, match="needs Triton's interpreter"):
         nf4_matmul(torch.randn(2, 128), w, backend="triton")
 
 
@@ -197,5 +198,5 @@ def test_fp32_on_cuda() -> None:
     w = quantize_nf4(torch.randn(256, 256, device="cuda"))
     x = torch.randn(4, 256, device="cuda")
     assert_close(nf4_matmul(x, w), x @ w.dequantize().t(), torch.float32)
-    with pytest.raises(Phi3FastError, match="takes fp16 or bf16 activations"):
+    with pytest.raises(KernelInputError, match="takes fp16 or bf16 activations"):
         nf4_matmul(x, w, backend="triton")

@@ -14,14 +14,15 @@ import torch
 from aot_helpers import compile_report
 from model_helpers import VOCAB, make_tiny
 from phi3fast.kernels import rms_norm, rope_qkv_, swiglu
+from phi3fast.kernels.backend import KernelInputError
 from phi3fast.kernels.rmsnorm import rms_norm_reference
 from phi3fast.kernels.rope import rope_reference
 from phi3fast.kernels.swiglu import swiglu_reference
 from test_kernels_nf4 import INTERP_DTYPES, assert_close
 
-from phi3fast.config import config_from_dict
 from phi3fast.errors import Phi3FastError
 from phi3fast.model import RotaryEmbedding, load
+from phi3fast.model.config import config_from_dict
 
 EPS = 1e-5
 
@@ -97,11 +98,19 @@ def test_rms_norm_bf16_cuda(hidden: int) -> None:
 
 
 def check_rope(
-    b: int, t: int, nh: int, nkv: int, d: int, dtype: torch.dtype, backend: str = "triton"
+    b: int,
+    t: int,
+    nh: int,
+    nkv: int,
+    d: int,
+    dtype: torch.dtype,
+    backend: str = "triton",
+    rot: int | None = None,
 ) -> None:
+    """rot: the rotated features of each head (partial rotary embeddings); None = all d."""
     width = (nh + 2 * nkv) * d
     qkv0 = leaf(torch.randn(b, t, width), dtype)
-    angle = torch.rand(b, t, d // 2) * 6.3
+    angle = torch.rand(b, t, (rot or d) // 2) * 6.3
     cos, sin = (1.2 * angle.cos()).to(dtype), (1.2 * angle.sin()).to(dtype)  # 1.2: an attention factor
     qkv = qkv0.clone()
     out = rope_qkv_(qkv, cos, sin, nh, nkv, backend)
@@ -115,6 +124,10 @@ def check_rope(
     assert_close(qkv0.grad, qf.grad, dtype)
     v = slice((nh + nkv) * d, None)
     assert torch.equal(out[..., v], qkv0[..., v]) and torch.equal(qkv0.grad[..., v], g[..., v])  # v untouched
+    if rot is not None:  # the features past rot in every q and k head pass unchanged, forward and backward
+        keep = torch.arange((nh + nkv) * d) % d >= rot
+        assert torch.equal(out[..., : (nh + nkv) * d][..., keep], qkv0[..., : (nh + nkv) * d][..., keep])
+        assert torch.equal(qkv0.grad[..., : (nh + nkv) * d][..., keep], g[..., : (nh + nkv) * d][..., keep])
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
@@ -128,6 +141,14 @@ def test_rope_triton(b: int, t: int, nh: int, nkv: int, d: int, dtype: torch.dty
 
 def test_rope_torch_path_matches_reference() -> None:
     check_rope(2, 7, 4, 2, 16, torch.float32, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("nh,nkv,d,rot", [(4, 2, 16, 12), (6, 2, 10, 6), (3, 3, 8, 2)])
+def test_rope_partial_rotary(backend: str, nh: int, nkv: int, d: int, rot: int) -> None:
+    """Partial rotary embeddings (Phi-4-mini rotates 3/4 of each head): the first rot features rotate, as in
+    transformers' apply_rotary_pos_emb; 6 and 2 give odd half widths (3, 1)."""
+    check_rope(2, 7, nh, nkv, d, torch.float32, backend=backend, rot=rot)
 
 
 def _longrope_raw(d: int) -> dict:
@@ -264,16 +285,16 @@ def test_bad_inputs_name_the_argument() -> None:
         rope_qkv_(qkv, cs, cs, 8, 0)
     with pytest.raises(ValueError, match="gate_up of shape"):
         swiglu(torch.randn(3, 17))
-    with pytest.raises(Phi3FastError, match="backend='cuda'"):
+    with pytest.raises(KernelInputError, match="backend='cuda'"):
         swiglu(torch.randn(3, 16), "cuda")
-    with pytest.raises(Phi3FastError, match="interpreter"):  # bf16 cannot run on the interpreter
+    with pytest.raises(KernelInputError, match="interpreter"):  # bf16 cannot run on the interpreter
         swiglu(torch.randn(3, 16).bfloat16(), "triton")
 
 
 # ---- what autograd keeps -----------------------------------------------------------------------------------------
 
 
-def saved_by(fn) -> list[torch.Tensor]:  # noqa: ANN001
+def saved_by(fn) -> list[torch.Tensor]:
     """The tensors autograd saves for backward while fn() runs."""
     saved = []
 
@@ -311,7 +332,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory)
 
 
-def lora_model(path: Path, backend: str):  # noqa: ANN201
+def lora_model(path: Path, backend: str):
     from phi3fast.lora import LoraConfig, apply_lora, lora_parameters
 
     model = load(path, quantize=None)
@@ -323,7 +344,7 @@ def lora_model(path: Path, backend: str):  # noqa: ANN201
     return model, lora_parameters(model)
 
 
-def logits_and_grads(model, params, ids: torch.Tensor, ckpt: bool) -> list[torch.Tensor]:  # noqa: ANN001
+def logits_and_grads(model, params, ids: torch.Tensor, ckpt: bool) -> list[torch.Tensor]:
     model.gradient_checkpointing = ckpt
     model.zero_grad()
     logits = model(ids)

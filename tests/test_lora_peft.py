@@ -176,7 +176,7 @@ def _edit_config(d: Path, **kw: object) -> None:
     ],
     ids=["no-config", "bad-json", "not-lora", "dora", "no-weights", "garbled", "wrong-targets", "wrong-rank"],
 )
-def test_bad_adapter_errors(tiny: Path, tmp_path: Path, damage, message: str) -> None:  # noqa: ANN001
+def test_bad_adapter_errors(tiny: Path, tmp_path: Path, damage, message: str) -> None:
     src = tmp_path / "src"
     trained_adapter(tiny, src, None, LoraConfig(r=2))
     bad = shutil.copytree(src, tmp_path / "bad")

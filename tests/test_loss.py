@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3fast.loss import IGNORE_INDEX, chunked_cross_entropy
+from phi3fast.training.loss import IGNORE_INDEX, chunked_cross_entropy
 
 # One tolerance table per dtype (relative to the reference's magnitude).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}

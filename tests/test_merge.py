@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from model_helpers import REL_TOL, VOCAB, make_tiny, rel_err
 from safetensors.torch import load_file
 
-import phi3fast.merge as merge_mod
+import phi3fast.lora.merge as merge_mod
 from phi3fast.cli import main
 from phi3fast.errors import Phi3FastError
 from phi3fast.lora import LoraConfig, apply_lora, lora_parameters, save_adapter
-from phi3fast.merge import merge_adapter
+from phi3fast.lora.merge import merge_adapter
 from phi3fast.model import load
 from phi3fast.quant import quantize_nf4
 
@@ -46,7 +46,7 @@ def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("quantize", ["nf4", None])
 def test_merged_checkpoint_matches_base_plus_adapter(
     tiny: Path, adapter: Path, tmp_path: Path, quantize
-) -> None:  # noqa: ANN001
+) -> None:
     out = merge_adapter(tiny, adapter, tmp_path / "merged", quantize=quantize)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()

@@ -89,6 +89,8 @@ def test_wheel_contains_extension_and_kernels(tmp_path: Path) -> None:
     assert any(n.startswith("phi3fast/_hnsw") and n.endswith(".so") for n in names)
     assert "phi3fast/kernels/__init__.py" in names
     assert "phi3fast/cli/__init__.py" in names
+    # The chat page of `phi3fast serve` ships as static files inside the package (no build step).
+    assert {f"phi3fast/serve/page/{f}" for f in ("index.html", "chat.js", "style.css")} <= set(names)
     assert not any(n.startswith("kernels/") for n in names), "kernels must not ship as a top-level module"
 
 

@@ -129,7 +129,7 @@ def test_other_blocksizes(blocksize: int) -> None:
 
 def test_many_nested_blocks_and_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     """2300 blocks = 9 nested blocks (the last partial), quantized in 64-block chunks, plus a partial 4-bit block."""
-    monkeypatch.setattr(quant, "_CPU_CHUNK", 4096)
+    monkeypatch.setattr("phi3fast.kernels.nf4_quantize.CPU_CHUNK", 4096)  # the quantizer and dequantize chunk
     w = _weight((300, 491), torch.float16)
     packed, qs = _bnb(w, 64, True)
     ours = quantize_nf4(w)
@@ -460,7 +460,7 @@ def _with_state(sd: dict[str, torch.Tensor], **change: object) -> dict[str, torc
         (lambda sd: _with_state(sd, nested_blocksize=128), "nested_blocksize"),
     ],
 )
-def test_bad_state_dicts(mutate, match: str) -> None:  # noqa: ANN001
+def test_bad_state_dicts(mutate, match: str) -> None:
     with pytest.raises(NF4FormatError, match=match):
         NF4Weight.from_bnb_state_dict(mutate(_good_sd()), "p.")
 

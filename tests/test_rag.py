@@ -390,7 +390,7 @@ def test_cli_index_verb(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("tiny") / "phi3")
 

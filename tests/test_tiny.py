@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from phi3fast.cli import main
 from phi3fast.errors import Phi3FastError
-from phi3fast.tiny import CORPUS, PHI3_ADDED, init_tiny
+from phi3fast.model.tiny import CORPUS, PHI3_ADDED, init_tiny
 
 SIZES = dict(hidden=64, layers=2, heads=4, intermediate=128)
 
@@ -80,12 +80,20 @@ def test_seeded_and_deterministic(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_bad_arguments(tiny: Path, tmp_path: Path) -> None:
-    with pytest.raises(Phi3FastError, match="--vocab 269 is too small"):
+    # The library names its arguments; the CLI says the same thing with its flags.
+    with pytest.raises(Phi3FastError, match="^vocab 269 is too small"):
         init_tiny(tmp_path / "x", **SIZES, vocab=269)
-    with pytest.raises(Phi3FastError, match="--hidden 64 must split into --heads 3"):
+    with pytest.raises(Phi3FastError, match="^hidden 64 must split into 3 heads"):
         init_tiny(tmp_path / "x", hidden=64, heads=3)
-    with pytest.raises(Phi3FastError, match="--intermediate 100 must be a multiple of 64"):
+    with pytest.raises(Phi3FastError, match="^intermediate 100 must be a multiple of 64"):
         init_tiny(tmp_path / "x", hidden=64, intermediate=100)
+    for args, line in [
+        (["--vocab", "269"], "error: --vocab 269 is too small"),
+        (["--hidden", "64", "--heads", "3"], "error: --hidden 64 must split into 3 heads"),
+        (["--hidden", "64", "--intermediate", "100"], "error: --intermediate 100 must be a multiple of 64"),
+    ]:
+        res = CliRunner().invoke(main, ["init-tiny", str(tmp_path / "x"), *args])
+        assert res.exit_code == 2 and res.output.startswith(line), res.output
     with pytest.raises(Phi3FastError, match="already exists"):
         init_tiny(tiny)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))  # nothing half-written

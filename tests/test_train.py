@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3fast.checkpoint import latest_checkpoint, verify
 from phi3fast.errors import Phi3FastError
-from phi3fast.train import DataOrder, LossScaler, TrainConfig, lr_at, resolve_dtype, train
+from phi3fast.train import TrainConfig, train
+from phi3fast.training.checkpoint import latest_checkpoint, verify
+from phi3fast.training.data import DataOrder
+from phi3fast.training.precision import LossScaler, resolve_dtype
+from phi3fast.training.trainer import lr_at
 
 DATA = Path(__file__).parent / "data"
 MEMORIZE = DATA / "train_memorize.jsonl"
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     return init_tiny(
         tmp_path_factory.mktemp("tiny") / "m", hidden=64, layers=2, heads=4, intermediate=128, vocab=512
@@ -152,7 +155,7 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_other_settings(tiny, tmp_
     train(cfg)
     ckpts = tmp_path / "checkpoints"
     assert latest_checkpoint(ckpts) == ckpts / "step-3"  # the final step is the adapter, not a checkpoint
-    with pytest.raises(Phi3FastError, match="holds checkpoints of an earlier run: pass --resume"):
+    with pytest.raises(Phi3FastError, match="^resume is off, but .* holds checkpoints of an earlier run"):
         train(cfg)  # a fresh run would mix with the old run's checkpoints
     blob = ckpts / "step-3" / "optimizer.pt"
     blob.write_bytes(blob.read_bytes()[:-7])  # torn write
@@ -201,7 +204,7 @@ def test_schedule_and_dtype_choice(monkeypatch):
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
     assert lr_at(20, cfg, 20) == pytest.approx(0.1)
-    import phi3fast.train as t
+    import phi3fast.training.precision as t
 
     monkeypatch.setattr(t, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
@@ -214,11 +217,11 @@ def test_schedule_and_dtype_choice(monkeypatch):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"batch_size": 0}, "--batch-size"),
-        ({"quantize": "int8"}, "--quantize"),
-        ({"dtype": "fp8"}, "--dtype"),
+        ({"batch_size": 0}, "^batch_size must be >= 1"),
+        ({"quantize": "int8"}, "^quantize"),
+        ({"dtype": "fp8"}, "^dtype"),
         ({"target_modules": ("q_proj",)}, "unknown ['q_proj']"),
-        ({"dropout": 1.0}, "--dropout"),
+        ({"dropout": 1.0}, "^dropout"),
     ],
 )
 def test_config_errors(kw, message):
@@ -272,3 +275,15 @@ def test_cli_bad_row_is_one_line_exit_2(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert err.strip() == f"error: {bad}:3: 'completion' must be a string, got int"
+
+
+def test_cli_says_config_errors_with_its_flags(tmp_path):
+    from click.testing import CliRunner
+
+    from phi3fast.cli import main
+
+    args = ["train", "--model", "m", "--data", str(MEMORIZE), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(main, [*args, "--batch-size", "0"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --batch-size must be >= 1"
+    res = CliRunner().invoke(main, [*args, "--target-modules", "q_proj"])
+    assert res.exit_code == 2 and res.output.startswith("error: --target-modules has unknown ['q_proj']")

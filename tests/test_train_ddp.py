@@ -21,7 +21,7 @@ OPTS = dict(max_steps=4, batch_size=2, seq_len=64, lr=5e-3, warmup=2, rank=4, al
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     return init_tiny(
         tmp_path_factory.mktemp("tiny") / "m", hidden=64, layers=2, heads=4, intermediate=128, vocab=512

@@ -1,4 +1,4 @@
-"""Training with the fused kernels (issue #7) gives the reference path's losses: a tiny Phi-3, 30 QLoRA steps,
+"""Training with the fused kernels gives the reference path's losses: a tiny Phi-3, 30 QLoRA steps,
 `kernels='triton'` (RMSNorm, RoPE, SwiGLU and cross-entropy in Triton's interpreter) vs `kernels='torch'`."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ REL_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     # One layer and 16-token rows: the interpreter runs one Python program per row and kernel, so this keeps
     # 30 steps near 30 s on 2 busy cores while every kernel still runs forward and backward.
@@ -77,13 +77,13 @@ def test_triton_kernels_train_like_the_reference(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only errors of --kernels triton")
 def test_kernels_option_is_checked_before_loading(tiny, tmp_path, monkeypatch):
-    with pytest.raises(Phi3FastError, match="--kernels must be auto, triton or torch"):
+    with pytest.raises(Phi3FastError, match="^kernels must be auto, triton or torch"):
         config(tiny, tmp_path, kernels="cuda")
     no_model = str(tmp_path / "no-model")  # the errors come before the model is looked for
-    with pytest.raises(Phi3FastError, match=r"--kernels triton: .*cannot compute in bf16"):
+    with pytest.raises(Phi3FastError, match=r"^kernels triton: .*cannot compute in bf16"):
         train(config(tiny, tmp_path / "a", model=no_model, kernels="triton", dtype="bf16"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(Phi3FastError, match="--kernels triton: backend='triton' on a cpu tensor needs"):
+    with pytest.raises(Phi3FastError, match="^kernels triton: backend='triton' on a cpu tensor needs"):
         train(config(tiny, tmp_path / "b", model=no_model, kernels="triton"))
 
 

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <new>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -74,7 +76,10 @@ struct BeamSlot {
 
 // Scratch for one search: visited tags with an epoch (no clearing per query), the two heaps, decode buffers.
 struct SearchScratch {
-  std::vector<uint16_t> tags;
+  // calloc'd: a large zeroed block is fresh mapped pages, so an index with a large capacity and few nodes
+  // pays memory only for the tags its searches touch.
+  std::unique_ptr<uint16_t[], decltype(&std::free)> tags{nullptr, &std::free};
+  size_t tags_size = 0;
   uint16_t epoch = 0;
   std::vector<Cand> cand, top;
   std::vector<BeamSlot> beam;
@@ -82,12 +87,14 @@ struct SearchScratch {
   std::vector<uint32_t> ids;
 
   void begin(size_t n) {
-    if (tags.size() < n) {
-      tags.assign(n, 0);
+    if (tags_size < n) {
+      tags.reset(static_cast<uint16_t*>(std::calloc(n, sizeof(uint16_t))));
+      if (!tags) throw std::bad_alloc();
+      tags_size = n;
       epoch = 0;
     }
     if (++epoch == 0) {  // wrapped: old tags could collide with the new epoch
-      std::fill(tags.begin(), tags.end(), 0);
+      std::fill(tags.get(), tags.get() + tags_size, 0);
       epoch = 1;
     }
     cand.clear();

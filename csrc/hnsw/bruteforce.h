@@ -63,24 +63,23 @@ class BruteForceIndex {
     map_.erase(label);
     labels_.pop_back();
     data_.resize(labels_.size() * vs_.dim);
+    ++version_;  // positions moved: bitsets resolved before this are stale
   }
 
   // Allowed set (filter.h) over positions, from labels or from a boolean mask indexed by label.
   Filter filter_from_labels(const uint64_t* ids, size_t n) const {
     std::shared_lock<std::shared_mutex> g(mu_);
-    Filter f = Filter::bitset(max_elements_);
-    for (size_t i = 0; i < n; ++i) {
-      auto it = map_.find(ids[i]);
-      if (it != map_.end()) f.set(it->second);
-    }
-    return f;
+    Filter f;
+    f.src_ids = ids;
+    f.src_n = n;
+    return resolve(f);
   }
   Filter filter_from_mask(const bool* mask, size_t len) const {
     std::shared_lock<std::shared_mutex> g(mu_);
-    Filter f = Filter::bitset(max_elements_);
-    for (size_t i = 0; i < labels_.size(); ++i)
-      if (labels_[i] < len && mask[labels_[i]]) f.set(i);
-    return f;
+    Filter f;
+    f.src_mask = mask;
+    f.src_len = len;
+    return resolve(f);
   }
 
   // k best (ascending) among the entries the filter allows; returns how many were found.
@@ -89,11 +88,27 @@ class BruteForceIndex {
     std::shared_lock<std::shared_mutex> g(mu_);
     heap.clear();
     if (k == 0) return 0;
+    // A delete since the filter was resolved moved elements between positions: resolve it again (positions
+    // cannot move while this search holds the lock).
+    Filter fresh;
+    if (filt && filt->has_bits() && filt->version != version_) {
+      fresh = resolve(*filt);
+      filt = &fresh;
+    }
     const Query qq = vs_.prepare(q);
     const size_t n = labels_.size();
-    for (size_t i = 0; i < n; ++i) {
-      if (filt && !filt->allows(i, labels_[i])) continue;
-      push_topk(heap, k, std::pair<float, size_t>(vs_.dist(qq, reinterpret_cast<const uint8_t*>(&data_[i * vs_.dim])), i));
+    auto dist = [&](size_t i) { return vs_.dist(qq, reinterpret_cast<const uint8_t*>(&data_[i * vs_.dim])); };
+    if (filt && !filt->has_bits()) {
+      // A callable filter (Python) is asked only about an element that would enter the current top k, as in
+      // hnswlib: the distance is the cheap test, the call the expensive one.
+      for (size_t i = 0; i < n; ++i) {
+        const float d = dist(i);
+        if (heap.size() >= k && !(d < heap.front().first)) continue;
+        if (filt->fn(labels_[i])) push_topk(heap, k, std::pair<float, size_t>(d, i));
+      }
+    } else {
+      for (size_t i = 0; i < n; ++i)
+        if (!filt || filt->test(i)) push_topk(heap, k, std::pair<float, size_t>(dist(i), i));
     }
     std::sort_heap(heap.begin(), heap.end());
     for (size_t i = 0; i < heap.size(); ++i) {
@@ -147,8 +162,27 @@ class BruteForceIndex {
   }
 
  private:
+  // The bitset over positions for a filter's source; call with mu_ held.
+  Filter resolve(const Filter& src) const {
+    Filter f = Filter::bitset(max_elements_);
+    f.src_ids = src.src_ids;
+    f.src_n = src.src_n;
+    f.src_mask = src.src_mask;
+    f.src_len = src.src_len;
+    f.version = version_;
+    for (size_t i = 0; i < f.src_n; ++i) {
+      auto it = map_.find(f.src_ids[i]);
+      if (it != map_.end()) f.set(it->second);
+    }
+    if (f.src_mask)
+      for (size_t i = 0; i < labels_.size(); ++i)
+        if (labels_[i] < f.src_len && f.src_mask[labels_[i]]) f.set(i);
+    return f;
+  }
+
   VectorSpace vs_;
   size_t max_elements_;
+  uint64_t version_ = 0;  // bumped by remove (under mu_)
   std::vector<float> data_;
   std::vector<uint64_t> labels_;
   std::unordered_map<uint64_t, size_t> map_;

@@ -67,7 +67,7 @@ class HnswIndex {
     allocate(max_elements);
   }
   ~HnswIndex() {
-    for (uint32_t* p : upper_) std::free(p);
+    for (size_t i = 0, n = count(); i < n; ++i) std::free(upper_[i]);
   }
   HnswIndex(const HnswIndex&) = delete;
   HnswIndex& operator=(const HnswIndex&) = delete;
@@ -104,8 +104,10 @@ class HnswIndex {
     }
     if (replace_deleted && take_vacant(&id)) {
       {
+        // The slot's old label, unless a later slot holds it (an hnswlib file can hold a label twice).
         std::lock_guard<std::mutex> g(label_mu_);
-        label_map_.erase(get_label(id));
+        auto it = label_map_.find(get_label(id));
+        if (it != label_map_.end() && it->second == id) label_map_.erase(it);
       }
       set_label(id, label);
       relink(id, v, s);  // still marked deleted: searches skip it until it is relinked
@@ -198,8 +200,12 @@ class HnswIndex {
   uint8_t* links0_ = nullptr;  // the buffers' data(), cached: read on every hop
   uint8_t* vecs_ = nullptr;
   uint64_t* labels_ = nullptr;
-  std::vector<uint32_t*> upper_;
-  std::vector<int32_t> levels_;
+  // Per node: its upper link lists (malloc'd, null at level 0) and its level. Mapped like the node arrays, so
+  // capacity costs address space, not memory, until nodes are added (a file or init_index may declare a
+  // capacity far above what it holds).
+  HugeBuffer upper_buf_, levels_buf_;
+  uint32_t** upper_ = nullptr;
+  int32_t* levels_ = nullptr;
 
   std::atomic<size_t> count_{0};
   std::atomic<size_t> num_deleted_{0};
@@ -217,14 +223,14 @@ class HnswIndex {
   // ---- memory ----
   void allocate(size_t new_max) {
     if (new_max > 0xFFFFFFF0ull) throw std::invalid_argument("max_elements must be < 2**32");
-    const size_t per_node = links0_stride_ + vec_stride_ + 8;
+    const size_t per_node = links0_stride_ + vec_stride_ + 8 + sizeof(uint32_t*) + sizeof(int32_t);
     if (new_max != 0 && per_node > (uint64_t{1} << 62) / new_max)
       throw std::invalid_argument("max_elements is too large");
     const uint64_t bytes = static_cast<uint64_t>(new_max) * per_node;
     if (bytes > physical_memory_bytes())
       throw std::runtime_error("Not enough memory: " + std::to_string(new_max) + " elements need " +
                                std::to_string(bytes) + " bytes, more than this machine has");
-    // New bytes are zero. At least one element each, so the pointers are never null.
+    // New bytes are zero (a null upper list, level 0). At least one element each, so the pointers are never null.
     const size_t m = std::max<size_t>(new_max, 1);
     links0_buf_.resize(m * links0_stride_);
     vecs_buf_.resize(m * vec_stride_);
@@ -232,8 +238,10 @@ class HnswIndex {
     links0_ = links0_buf_.data();
     vecs_ = vecs_buf_.data();
     labels_ = reinterpret_cast<uint64_t*>(labels_buf_.data());
-    upper_.resize(new_max, nullptr);
-    levels_.resize(new_max, 0);
+    upper_buf_.resize(m * sizeof(uint32_t*));
+    levels_buf_.resize(m * sizeof(int32_t));
+    upper_ = reinterpret_cast<uint32_t**>(upper_buf_.data());
+    levels_ = reinterpret_cast<int32_t*>(levels_buf_.data());
     max_elements_ = new_max;
   }
 

@@ -15,6 +15,10 @@ inline size_t HnswIndex::search(const float* qv, size_t k, size_t ef, const Filt
   if (entry == 0) return 0;
   const Query q = vs_.prepare(qv);
   const size_t n = count();
+  // Small index, large ef: a walk keeping a quarter of the index in its beam ends up visiting most nodes, each
+  // through a link list; a scan reads the vectors in order and is exact (in 'ip', where the graph can leave
+  // nodes hard to reach, the walk misses neighbours that no ef finds).
+  if (std::max(ef, k) * 4 >= n && (!filt || filt->has_bits())) return exact(q, k, filt, s, labels, dists);
   if (filt && filt->has_bits()) {
     if (filt->allowed == 0) return 0;
     // Low selectivity: a graph walk would visit most nodes to find k allowed ones (and hnswlib's recall
@@ -175,20 +179,23 @@ inline size_t HnswIndex::exact(const Query& q, size_t k, const Filter* filt, Sea
   auto& top = s.top;
   top.clear();
   const size_t n = count();
+  // The distance first: a callable filter (Python) is asked only about a node that would enter the top k.
   auto consider = [&](uint32_t id) {
     if (!is_ready(id) || is_deleted(id)) return;
-    push_topk(top, k, Cand(vs_.dist(q, payload(id)), id));
+    const float d = vs_.dist(q, payload(id));
+    if (top.size() >= k && !(d < top.front().first)) return;
+    if (filt && !filt->has_bits() && filt->fn && !filt->fn(get_label(id))) return;
+    push_topk(top, k, Cand(d, id));
   };
   if (filt && filt->has_bits()) {
-    for (size_t w = 0; w * 64 < n; ++w) {
+    for (size_t w = 0, words = filt->bits.size(); w < words && w * 64 < n; ++w) {
       for (uint64_t bits = filt->bits[w]; bits; bits &= bits - 1) {
         const uint32_t id = static_cast<uint32_t>(w * 64 + __builtin_ctzll(bits));
         if (id < n) consider(id);
       }
     }
   } else {
-    for (uint32_t id = 0; id < n; ++id)
-      if (!filt || !filt->fn || (is_ready(id) && filt->fn(get_label(id)))) consider(id);
+    for (uint32_t id = 0; id < n; ++id) consider(id);
   }
   std::sort_heap(top.begin(), top.end());
   for (size_t i = 0; i < top.size(); ++i) {

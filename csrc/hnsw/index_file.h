@@ -58,7 +58,7 @@ struct IndexFile {
       ix.write_block(static_cast<uint32_t>(i), block.data());
       w.bytes(block.data(), block.size());
     }
-    w.bytes(ix.levels_.data(), 4 * n);
+    w.bytes(ix.levels_, 4 * n);
     for (size_t i = 0; i < n; ++i)
       if (ix.levels_[i] > 0) w.bytes(ix.upper_[i], static_cast<size_t>(ix.levels_[i]) * ix.upper_bytes_);
     w.seal();
@@ -107,7 +107,7 @@ struct IndexFile {
     ix->allocate(std::max<uint64_t>(max_el, std::max<uint64_t>(max_elements, n)));
     const uint8_t* blocks = r.take(n * node_bytes);
     for (size_t i = 0; i < n; ++i) ix->read_block(static_cast<uint32_t>(i), blocks + i * node_bytes);
-    std::memcpy(ix->levels_.data(), r.take(4 * n), 4 * n);
+    std::memcpy(ix->levels_, r.take(4 * n), 4 * n);
     uint64_t used = 0;
     for (size_t i = 0; i < n; ++i) {
       const int32_t lv = ix->levels_[i];
@@ -185,8 +185,10 @@ struct IndexFile {
       uint8_t* nd = ix.node(static_cast<uint32_t>(i));
       nd[3] = 1;  // ready (hnswlib files leave this byte 0)
       nd[2] &= 1;
-      const uint64_t label = ix.get_label(static_cast<uint32_t>(i));
-      if (!ix.label_map_.emplace(label, static_cast<uint32_t>(i)).second) r.fail("label " + std::to_string(label) + " appears twice");
+      // hnswlib's addPoint(replace_deleted=true) can give a vacant slot a label that another slot still holds,
+      // so its files may hold a label twice. As its loader does, the last slot wins the label; the other keeps
+      // its block (a search can still reach it and report its label, as in hnswlib).
+      ix.label_map_[ix.get_label(static_cast<uint32_t>(i))] = static_cast<uint32_t>(i);
       if (nd[2]) {
         ix.num_deleted_.fetch_add(1);
         if (ix.allow_replace_) ix.deleted_ids_.insert(static_cast<uint32_t>(i));

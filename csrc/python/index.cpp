@@ -71,9 +71,13 @@ inline std::vector<uint64_t> as_ids(const py::object& ids, size_t rows) {
   if (a.size() > 0 && kind != 'i' && kind != 'u')
     throw TypeErr("ids must be integers, got dtype " + std::string(py::str(a.dtype())));
   const bool ok = (a.ndim() == 1 && static_cast<size_t>(a.shape(0)) == rows) || (a.ndim() == 0 && rows == 1);
-  if (!ok)
-    throw std::runtime_error("The input label shape " + std::to_string(a.ndim() ? a.shape(0) : 1) +
-                             " does not match the input data vector shape " + std::to_string(rows));
+  if (!ok) {
+    std::string shape = "(";
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) shape += (d ? ", " : "") + std::to_string(a.shape(d));
+    shape += a.ndim() == 1 ? ",)" : ")";
+    throw std::runtime_error("The input label shape " + shape + " does not match the input data vector shape (" +
+                             std::to_string(rows) + " rows): ids must be a 1-D array with one label per row");
+  }
   if (kind == 'i') {
     auto s = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
     for (py::ssize_t i = 0; i < s.size(); ++i) {
@@ -205,7 +209,9 @@ class PyIndex {
   Space space;
   size_t dim;
   SimdLevel simd;
-  std::unique_ptr<HnswIndex> ix;
+  // Shared, not unique: every call copies this pointer with the GIL held and works on its copy with the GIL
+  // released, so load_index can swap in a new graph while other threads finish on the old one.
+  std::shared_ptr<HnswIndex> ix;
   size_t ef = 10;
   int num_threads = static_cast<int>(hardware_threads());
   uint64_t next_label = 0;
@@ -217,25 +223,29 @@ class PyIndex {
     simd = simd_arg(simd_name).value_or(detect_index_simd());
   }
 
-  HnswIndex& need() const {
+  std::shared_ptr<HnswIndex> need() const {
     if (!ix) throw std::runtime_error("Index is not initialized: call init_index() or load_index() first");
-    return *ix;
+    return ix;
   }
 
   void init_index(size_t max_elements, size_t M, size_t efc, size_t seed, bool allow_replace, const std::string& storage) {
     if (ix) throw std::runtime_error("The index is already initiated.");
     const Storage st = storage_from_name(storage);
-    py::gil_scoped_release r;
-    ix = std::make_unique<HnswIndex>(space, dim, st, max_elements, M, efc, seed, allow_replace, simd);
+    std::shared_ptr<HnswIndex> made;
+    {
+      py::gil_scoped_release r;
+      made = std::make_shared<HnswIndex>(space, dim, st, max_elements, M, efc, seed, allow_replace, simd);
+    }
+    if (ix) throw std::runtime_error("The index is already initiated.");  // by another thread meanwhile
+    ix = std::move(made);
     next_label = 0;
   }
 
   void add_items(const py::object& data, const py::object& ids_in, int threads, bool replace_deleted) {
-    HnswIndex& x = need();
+    const std::shared_ptr<HnswIndex> xp = need();
+    HnswIndex& x = *xp;
     Rows rows = as_rows(data, dim, "data");
     std::vector<uint64_t> ids = as_ids(ids_in, rows.rows);
-    if (ids.empty())
-      for (size_t i = 0; i < rows.rows; ++i) ids.push_back(next_label + i);
     if (replace_deleted && !x.allow_replace_deleted())
       throw std::runtime_error("Replacement of deleted elements is disabled in constructor");
     if (x.space().storage == Storage::F16 && space != Space::Cosine) {
@@ -245,22 +255,35 @@ class PyIndex {
           throw std::invalid_argument("data: storage='float16' cannot hold |x| > 65504 (row " + std::to_string(i / dim) + ")");
     }
     const int t = resolve_threads(threads, num_threads, rows.rows);
+    // Automatic labels are taken here, with the GIL held, so two concurrent calls never get the same ones.
+    const uint64_t first = next_label;
+    if (ids.empty())
+      for (size_t i = 0; i < rows.rows; ++i) ids.push_back(first + i);
+    next_label = first + rows.rows;
+    bool refused = false;
     {
       py::gil_scoped_release r;
-      if (x.count() + x.slots_needed(ids.data(), ids.size(), replace_deleted) > x.max_elements())
-        throw std::runtime_error("The number of elements exceeds the specified limit");
-      std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
-      parallel_for(rows.rows, t, [&](size_t i, size_t w) {
-        const float* v = prepared_row(rows, i, dim, space, bufs[w]);
-        ScratchLease s(pool);
-        x.add(v, ids[i], replace_deleted, *s);
-      });
+      if (x.count() + x.slots_needed(ids.data(), ids.size(), replace_deleted) > x.max_elements()) {
+        refused = true;
+      } else {
+        std::vector<std::vector<float>> bufs(static_cast<size_t>(t), std::vector<float>(dim));
+        parallel_for(rows.rows, t, [&](size_t i, size_t w) {
+          const float* v = prepared_row(rows, i, dim, space, bufs[w]);
+          ScratchLease s(pool);
+          x.add(v, ids[i], replace_deleted, *s);
+        });
+      }
     }
-    next_label += rows.rows;
+    if (refused) {
+      if (next_label == first + rows.rows) next_label = first;  // nothing was added: the labels stay free
+      throw std::runtime_error("The number of elements exceeds the specified limit");
+    }
   }
 
   py::tuple knn_query(const py::object& data, size_t k, int threads, const py::object& filter) {
-    HnswIndex& x = need();
+    const std::shared_ptr<HnswIndex> xp = need();
+    HnswIndex& x = *xp;
+    const size_t ef = this->ef;
     return knn_query_rows(x, space, dim, data, k, threads, num_threads, filter,
                           [&](const float* v, const Filter* fp, uint64_t* lab, float* dis) {
                             ScratchLease s(pool);
@@ -271,11 +294,14 @@ class PyIndex {
   py::object get_items(const py::object& ids_in, const std::string& return_type) {
     if (return_type != "numpy" && return_type != "list")
       throw std::invalid_argument("return_type should be \"numpy\" or \"list\"");
-    HnswIndex& x = need();
+    const std::shared_ptr<HnswIndex> xp = need();
+    HnswIndex& x = *xp;
     std::vector<uint64_t> ids;
     if (!ids_in.is_none()) {
       py::array a = as_array(ids_in);
       if (a.ndim() == 0) throw std::invalid_argument("get_items accepts a list of indices and returns a list of vectors");
+      // Any shape of labels, read in order (hnswlib takes knn_query's [n, k] label array as it is).
+      a = py::reinterpret_borrow<py::array>(a.attr("reshape")(-1));
       ids = as_ids(a, static_cast<size_t>(a.shape(0)));
     }
     py::array_t<float> out(ids.empty() ? std::vector<py::ssize_t>{0} : std::vector<py::ssize_t>{static_cast<py::ssize_t>(ids.size()), static_cast<py::ssize_t>(dim)});
@@ -288,29 +314,29 @@ class PyIndex {
     return std::move(out);
   }
 
-  py::bytes state_bytes() const {
-    std::string s;
-    {
-      py::gil_scoped_release r;
-      s = IndexFile::save(*ix);
-    }
-    return py::bytes(s);
+  // The engine's file bytes, saved with the GIL released: the save takes the index's exclusive lock, which
+  // waits for running searches, and a search with a Python filter needs the GIL to finish.
+  std::string state_string() const {
+    const std::shared_ptr<HnswIndex> xp = need();
+    py::gil_scoped_release r;
+    return IndexFile::save(*xp);
   }
+  py::bytes state_bytes() const { return py::bytes(state_string()); }
 
   void load_bytes(const std::string& data, const std::string& what, size_t max_elements, bool allow_replace) {
-    std::unique_ptr<HnswIndex> loaded;
+    std::shared_ptr<HnswIndex> loaded;
     {
       py::gil_scoped_release r;
       loaded = IndexFile::load(data, what, space, dim, max_elements, allow_replace, simd);
     }
-    ix = std::move(loaded);
-    next_label = ix->count();
+    next_label = loaded->count();
+    ix = std::move(loaded);  // threads still searching the old graph hold their own reference to it
   }
 
   void save_index(const std::string& path) {
-    HnswIndex& x = need();
+    const std::shared_ptr<HnswIndex> xp = need();
     py::gil_scoped_release r;
-    write_file_atomic(path, IndexFile::save(x));
+    write_file_atomic(path, IndexFile::save(*xp));
   }
 
   void load_index(const std::string& path, size_t max_elements, bool allow_replace) {
@@ -330,7 +356,7 @@ class PyBFIndex {
   Space space;
   size_t dim;
   SimdLevel simd;
-  std::unique_ptr<BruteForceIndex> ix;
+  std::shared_ptr<BruteForceIndex> ix;  // shared for the same reason as PyIndex::ix
   int num_threads = static_cast<int>(hardware_threads());
   uint64_t next_label = 0;
 
@@ -338,34 +364,44 @@ class PyBFIndex {
     if (d <= 0) throw std::invalid_argument("dim must be a positive integer, got " + std::to_string(d));
     simd = detect_index_simd();
   }
-  BruteForceIndex& need() const {
+  std::shared_ptr<BruteForceIndex> need() const {
     if (!ix) throw std::runtime_error("Index is not initialized: call init_index() or load_index() first");
-    return *ix;
+    return ix;
   }
   void init_index(size_t max_elements) {
     if (ix) throw std::runtime_error("The index is already initiated.");
-    ix = std::make_unique<BruteForceIndex>(space, dim, max_elements, simd);
+    ix = std::make_shared<BruteForceIndex>(space, dim, max_elements, simd);
   }
   void add_items(const py::object& data, const py::object& ids_in) {
-    BruteForceIndex& x = need();
+    const std::shared_ptr<BruteForceIndex> xp = need();
+    BruteForceIndex& x = *xp;
     Rows rows = as_rows(data, dim, "data");
     std::vector<uint64_t> ids = as_ids(ids_in, rows.rows);
+    const uint64_t first = next_label;  // automatic labels taken with the GIL held (see PyIndex::add_items)
     if (ids.empty())
-      for (size_t i = 0; i < rows.rows; ++i) ids.push_back(next_label + i);
+      for (size_t i = 0; i < rows.rows; ++i) ids.push_back(first + i);
+    next_label = first + rows.rows;
+    bool refused = false;
     {
       py::gil_scoped_release r;
       std::unordered_set<uint64_t> fresh(ids.begin(), ids.end());
       size_t need_slots = 0;
       for (uint64_t id : fresh) need_slots += x.has(id) ? 0 : 1;
-      if (x.count() + need_slots > x.max_elements())
-        throw std::runtime_error("The number of elements exceeds the specified limit");
-      std::vector<float> buf(dim);
-      for (size_t i = 0; i < rows.rows; ++i) x.add(prepared_row(rows, i, dim, space, buf), ids[i]);
+      if (x.count() + need_slots > x.max_elements()) {
+        refused = true;
+      } else {
+        std::vector<float> buf(dim);
+        for (size_t i = 0; i < rows.rows; ++i) x.add(prepared_row(rows, i, dim, space, buf), ids[i]);
+      }
     }
-    next_label += rows.rows;
+    if (refused) {
+      if (next_label == first + rows.rows) next_label = first;
+      throw std::runtime_error("The number of elements exceeds the specified limit");
+    }
   }
   py::tuple knn_query(const py::object& data, size_t k, int threads, const py::object& filter) {
-    BruteForceIndex& x = need();
+    const std::shared_ptr<BruteForceIndex> xp = need();
+    BruteForceIndex& x = *xp;
     return knn_query_rows(x, space, dim, data, k, threads, num_threads, filter,
                           [&](const float* v, const Filter* fp, uint64_t* lab, float* dis) {
                             thread_local std::vector<std::pair<float, size_t>> heap;
@@ -373,18 +409,18 @@ class PyBFIndex {
                           });
   }
   void save_index(const std::string& path) {
-    BruteForceIndex& x = need();
+    const std::shared_ptr<BruteForceIndex> xp = need();
     py::gil_scoped_release r;
-    write_file_atomic(path, x.save());
+    write_file_atomic(path, xp->save());
   }
   void load_bytes(const std::string& data, const std::string& what, size_t max_elements) {
-    std::unique_ptr<BruteForceIndex> loaded;
+    std::shared_ptr<BruteForceIndex> loaded;
     {
       py::gil_scoped_release r;
       loaded = BruteForceIndex::load(data, what, space, dim, max_elements, simd);
     }
+    next_label = loaded->count();
     ix = std::move(loaded);
-    next_label = ix->count();
   }
   void load_index(const std::string& path, size_t max_elements) {
     load_bytes(read_file_nogil(path), path, max_elements);
@@ -453,9 +489,10 @@ void bind_index(py::module_& m) {
              p->ef = other.ef;
              p->num_threads = other.num_threads;
              if (other.ix) {
-               std::string s = pf::IndexFile::save(*other.ix);
-               p->load_bytes(s, "copy", 0, other.ix->allow_replace_deleted());
-               p->next_label = other.next_label;
+               const bool allow_replace = other.ix->allow_replace_deleted();
+               const uint64_t next_label = other.next_label;
+               p->load_bytes(other.state_string(), "copy", 0, allow_replace);
+               p->next_label = next_label;
              }
              return p;
            }),
@@ -470,28 +507,28 @@ void bind_index(py::module_& m) {
       .def("set_ef", [](PyIndex& s, size_t ef) { s.ef = ef; }, py::arg("ef"))
       .def("set_num_threads", [](PyIndex& s, int t) { s.num_threads = t; }, py::arg("num_threads"))
       .def("get_items", &PyIndex::get_items, py::arg("ids") = py::none(), py::arg("return_type") = "numpy")
-      .def("get_ids_list", [](const PyIndex& s) { return s.need().labels(); })
+      .def("get_ids_list", [](const PyIndex& s) { return s.need()->labels(); })
       .def("mark_deleted", [](PyIndex& s, size_t label) {
-             pf::HnswIndex& x = s.need();
+             const auto x = s.need();
              py::gil_scoped_release r;
-             x.mark_deleted(label);
+             x->mark_deleted(label);
            }, py::arg("label"))
       .def("unmark_deleted", [](PyIndex& s, size_t label) {
-             pf::HnswIndex& x = s.need();
+             const auto x = s.need();
              py::gil_scoped_release r;
-             x.unmark_deleted(label);
+             x->unmark_deleted(label);
            }, py::arg("label"))
       .def("resize_index", [](PyIndex& s, size_t n) {
-             pf::HnswIndex& x = s.need();
+             const auto x = s.need();
              py::gil_scoped_release r;
-             x.resize(n);
+             x->resize(n);
            }, py::arg("new_size"))
       .def("save_index", &PyIndex::save_index, py::arg("path_to_index"))
       .def("load_index", &PyIndex::load_index, py::arg("path_to_index"), py::arg("max_elements") = 0,
            py::arg("allow_replace_deleted") = false)
-      .def("index_file_size", [](const PyIndex& s) { return pf::IndexFile::size(s.need()); })
-      .def("get_max_elements", [](const PyIndex& s) { return s.need().max_elements(); })
-      .def("get_current_count", [](const PyIndex& s) { return s.need().count(); })
+      .def("index_file_size", [](const PyIndex& s) { return pf::IndexFile::size(*s.need()); })
+      .def("get_max_elements", [](const PyIndex& s) { return s.need()->max_elements(); })
+      .def("get_current_count", [](const PyIndex& s) { return s.need()->count(); })
       .def_property_readonly("space", [](const PyIndex& s) { return s.space_name; })
       .def_property_readonly("dim", [](const PyIndex& s) { return s.dim; })
       .def_property_readonly("storage", &PyIndex::storage)
@@ -524,13 +561,17 @@ void bind_index(py::module_& m) {
       .def(py::init<const std::string&, int>(), py::arg("space"), py::arg("dim"))
       .def("init_index", &PyBFIndex::init_index, py::arg("max_elements"))
       .def("add_items", &PyBFIndex::add_items, py::arg("data"), py::arg("ids") = py::none())
-      .def("delete_vector", [](PyBFIndex& s, size_t label) { s.need().remove(label); }, py::arg("label"))
+      .def("delete_vector", [](PyBFIndex& s, size_t label) {
+             const auto x = s.need();
+             py::gil_scoped_release r;
+             x->remove(label);
+           }, py::arg("label"))
       .def("knn_query", &PyBFIndex::knn_query, py::arg("data"), py::arg("k") = 1, py::arg("num_threads") = -1,
            py::arg("filter") = py::none())
       .def("save_index", &PyBFIndex::save_index, py::arg("path_to_index"))
       .def("load_index", &PyBFIndex::load_index, py::arg("path_to_index"), py::arg("max_elements") = 0)
-      .def("get_max_elements", [](const PyBFIndex& s) { return s.need().max_elements(); })
-      .def("get_current_count", [](const PyBFIndex& s) { return s.need().count(); })
+      .def("get_max_elements", [](const PyBFIndex& s) { return s.need()->max_elements(); })
+      .def("get_current_count", [](const PyBFIndex& s) { return s.need()->count(); })
       .def("set_num_threads", [](PyBFIndex& s, int t) { s.num_threads = t; }, py::arg("num_threads"))
       .def_property("num_threads", [](const PyBFIndex& s) { return s.num_threads; },
                     [](PyBFIndex& s, int t) { s.num_threads = t; })
@@ -540,7 +581,15 @@ void bind_index(py::module_& m) {
       .def("__reduce_ex__", &reduce_newobj, py::arg("protocol"))
       .def(py::pickle(
           [](const PyBFIndex& s) {
-            py::object blob = s.ix ? py::object(py::bytes(s.ix->save())) : py::none();
+            py::object blob = py::none();
+            if (const auto x = s.ix) {
+              std::string bytes;
+              {
+                py::gil_scoped_release r;
+                bytes = x->save();
+              }
+              blob = py::bytes(bytes);
+            }
             return py::make_tuple(1, s.space_name, s.dim, s.num_threads, s.next_label, blob);
           },
           [](const py::tuple& t) {

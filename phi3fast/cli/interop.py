@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from phi3fast.cli import main, user_errors
+from phi3fast.cli.app import main, user_errors
 
 
 @main.command()

@@ -1,24 +1,26 @@
-"""Model verbs: init-tiny, generate, merge (argument parsing only; the work is in phi3fast.tiny/generate/merge)."""
+"""Model verbs: init-tiny, generate, merge (argument parsing only; the work is in phi3fast.model.tiny, phi3fast.generate and phi3fast.lora.merge)."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
-from phi3fast.cli import main, user_errors
+from phi3fast.cli.app import main, user_errors
 
-_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# phi3fast.kernels.backend.DTYPES's names, spelled here so that --help does not import torch and triton.
+_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _quantize(value: str) -> str | None:
     return None if value == "none" else value
 
 
-def _dtype(name: str):  # noqa: ANN202
-    import torch
+def _dtype(name: str) -> Any:
+    from phi3fast.kernels.backend import DTYPES
 
-    return None if _DTYPES[name] is None else getattr(torch, _DTYPES[name])
+    return None if name == "auto" else DTYPES[name]
 
 
 @main.command("init-tiny")
@@ -34,7 +36,7 @@ def init_tiny_cmd(
     out: str, hidden: int, layers: int, heads: int, intermediate: int, vocab: int, seed: int
 ) -> None:
     """Write a small random Phi-3 checkpoint (transformers format, BPE tokenizer with Phi-3's chat tokens)."""
-    from phi3fast.tiny import init_tiny
+    from phi3fast.model.tiny import init_tiny
 
     path = init_tiny(
         out, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, vocab=vocab, seed=seed
@@ -102,7 +104,7 @@ def generate(
 @user_errors
 def merge(model_dir: str, adapter: str, out: str, quantize: str, dtype: str) -> None:
     """Fold a LoRA adapter into its base: a plain transformers checkpoint."""
-    from phi3fast.merge import merge_adapter
+    from phi3fast.lora.merge import merge_adapter
 
     path = merge_adapter(model_dir, adapter, out, quantize=_quantize(quantize), dtype=_dtype(dtype))
     click.echo(f"wrote {path}")

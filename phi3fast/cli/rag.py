@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from phi3fast.cli import main, user_errors
+from phi3fast.cli.app import main, user_errors
 from phi3fast.errors import Phi3FastError
 
 if TYPE_CHECKING:

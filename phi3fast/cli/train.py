@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from phi3fast.cli import main, user_errors
+from phi3fast.cli.app import main, user_errors
 from phi3fast.train import TARGETS
 
 

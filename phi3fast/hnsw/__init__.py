@@ -16,8 +16,12 @@ hnswlib; 'ip' distance is 1 - dot and 'cosine' normalizes vectors, as there. Wha
 - `filter` also takes a numpy array of allowed ids or a boolean mask indexed by id, checked in C++; when few
   ids are allowed, the search scans the allowed set exactly instead of walking the graph, so recall does not
   collapse. A callable filter is hnswlib's per-candidate call, with an exact scan when the graph walk finds
-  fewer than k.
-- `add_items` and `knn_query` may run concurrently from different threads.
+  fewer than k; in an exact scan (and in `BFIndex`) it is called only for a candidate that would enter the top k.
+- When ef (or k) is at least a quarter of the element count, the search scans exactly instead of walking the
+  graph: the walk would visit most nodes anyway, and in 'ip' it can miss neighbours no ef reaches.
+- `get_items` takes labels of any shape (e.g. `knn_query`'s [n, k] labels), read in order.
+- `add_items`, `knn_query`, `mark_deleted`, `resize_index`, `load_index`, copies and pickles may run concurrently
+  from different threads; concurrent `add_items` without ids get distinct automatic labels.
 - Errors are raised instead of crashing: using an index before `init_index`, NaN/inf vectors, complex data,
   negative ids, a batch that exceeds capacity (refused whole, before anything is added), an unknown id in
   `BFIndex.delete_vector`, and truncated, corrupted or foreign files. Exceptions are hnswlib's types

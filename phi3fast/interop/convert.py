@@ -77,7 +77,7 @@ def _gguf_magic(path: Path) -> bool:
 
 
 def _write(config: dict, tensors, tmp: Path) -> None:  # noqa: ANN001
-    from phi3fast.merge import _write_shards
+    from phi3fast.lora.merge import _write_shards
 
     _write_shards(tensors, tmp)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -86,7 +86,7 @@ def _write(config: dict, tensors, tmp: Path) -> None:  # noqa: ANN001
 def _from_transformers(src: str | Path, tmp: Path, dtype: str | None) -> None:
     from safetensors import safe_open
 
-    from phi3fast.loading import resolve_model_dir, weight_files
+    from phi3fast.model.loading import resolve_model_dir, weight_files
 
     root = resolve_model_dir(src)
     cfg_path = root / "config.json"

@@ -41,10 +41,22 @@ def _check_args(out: Path, qtype: str, ollama_dir: Path | None) -> None:
         raise Phi3FastError(f"{ollama_dir}: exists and is not a directory (for the Modelfile)")
 
 
+def _check_exportable(raw: dict, where: Path) -> None:
+    """Phi-3 variants whose GGUF form needs metadata this writer does not produce yet are refused up front."""
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise Phi3FastError(f"{where}: GGUF export of RoPE scaling {rope.get('rope_type', rope.get('type'))!r} "
+                            f"(LongRoPE factors) is not supported yet")  # fmt: skip
+    partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    if partial != 1.0 or head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
+        raise Phi3FastError(f"{where}: GGUF export of partial rotary or a separate head_dim is not supported yet")
+
+
 def _tensors(root: Path, stack: ExitStack) -> Iterator[tuple[str, Tensor]]:
     from safetensors import safe_open
 
-    from phi3fast.loading import weight_files
+    from phi3fast.model.loading import weight_files
 
     handles: dict[Path, object] = {}
     for key, file in weight_files(root).items():
@@ -68,8 +80,9 @@ def export_gguf(
     ollama = Path(ollama_dir).expanduser() if ollama_dir is not None else None
     _check_args(out, qtype, ollama)
     require_gguf("writing a GGUF file")
-    from phi3fast.config import load_config
-    from phi3fast.loading import load_tokenizer, resolve_model_dir
+    from phi3fast.model.config import load_config
+    from phi3fast.model.chat import load_tokenizer
+    from phi3fast.model.loading import resolve_model_dir
 
     root = resolve_model_dir(model_dir)
     load_config(root / "config.json")  # a Phi-3 checkpoint phi3fast loads, checked before any work
@@ -78,6 +91,7 @@ def export_gguf(
         if not (adapter_dir / "adapter_config.json").is_file():
             raise Phi3FastError(f"{adapter_dir}: not a PEFT adapter (no adapter_config.json)")
     raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    _check_exportable(raw, root / "config.json")
     arch = raw.get(SOURCE_ARCH_KEY) or "phi3"
     meta = tokenizer_metadata(root, raw)
     tok = load_tokenizer(root)
@@ -88,7 +102,7 @@ def export_gguf(
     try:
         source = root
         if adapter is not None:
-            from phi3fast.merge import merge_adapter
+            from phi3fast.lora.merge import merge_adapter
 
             source = merge_adapter(root, adapter, tmp_dir / "merged", dtype=torch.float32)
         tmp_file = tmp_dir / out.name

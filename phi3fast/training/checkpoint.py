@@ -1,4 +1,4 @@
-"""Training checkpoints: checkpoints/step-N/ written atomically, found and verified on --resume.
+"""Training checkpoints: checkpoints/step-N/ written atomically, found and verified on resume.
 
 A checkpoint holds everything the next step depends on: LoRA weights, AdamW state, loss-scale state, the RNG
 states (python, numpy, torch, cuda) and the data-order position (the global step; the order itself is a pure
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from phi3fast._utils import fsync
 from phi3fast.errors import Phi3FastError
 
 MANIFEST = "manifest.json"
@@ -83,8 +84,7 @@ def save_checkpoint(
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     for p in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+        fsync(p)
     if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
         old = root / f".old-step-{step}-{os.getpid()}"
         os.replace(final, old)

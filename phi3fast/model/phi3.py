@@ -10,11 +10,12 @@ transformers' math, on CPU). Module names follow transformers' checkpoint keys
 without the leading "model." (`layers.0.self_attn.qkv_proj`), so loading and PEFT adapters map one to one.
 
 Dropout: Phi-3's configs set attention and residual dropout to 0, so this module has none; LoRA dropout lives in
-Phi3Linear. `load()` is re-exported here from phi3fast.loading.
+Phi3Linear. This file holds modules only: phi3fast.model.loading builds them from a checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,15 +25,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from phi3fast.config import Phi3Config
 from phi3fast.errors import Phi3FastError
+from phi3fast.kernels import lora_linear, nf4_linear, rms_norm, rope_qkv_, swiglu
+from phi3fast.kernels.backend import BACKENDS
+from phi3fast.model.config import Phi3Config
 
 if TYPE_CHECKING:
     from phi3fast.quant import NF4Weight
 
 
 class Phi3Linear(nn.Module):
-    """y = x W^T (+ scale * dropout(x) A^T B^T with LoRA). W is frozen: an NF4Weight or a dense Parameter."""
+    """y = x W^T (+ scale * dropout(x) A^T B^T with LoRA). W is frozen: an NF4Weight or a dense Parameter.
+
+    The linear owns its adapter: `add_lora` creates A and B; phi3fast.lora chooses which linears get one."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -44,6 +49,9 @@ class Phi3Linear(nn.Module):
         self.lora_B: nn.Parameter | None = None  # [out, r]
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
+        # Backend of the NF4 ops: 'auto' runs Triton on CUDA and the torch reference on CPU. set_kernel_backend
+        # leaves it (the row-wise kernels only); tests set 'triton' to run the NF4 kernels in the interpreter.
+        self.kernel_backend = "auto"
 
     def set_base(self, w: Tensor | NF4Weight) -> None:
         if isinstance(w, Tensor):
@@ -60,6 +68,17 @@ class Phi3Linear(nn.Module):
             raise RuntimeError("Phi3Linear has no base weight (not loaded)")
         return base
 
+    def add_lora(self, r: int, scale: float, dropout: float) -> None:
+        """Trainable LoRA factors: A [r, in] Kaiming-uniform (PEFT's default init), B [out, r] zeros, so the delta
+        starts at 0. Kept in fp32 (master weights) on the base's device, whatever the compute dtype."""
+        device = self.nf4.device if self.nf4 is not None else self.base.device
+        a = torch.empty(r, self.in_features, dtype=torch.float32, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
+        self.lora_scale = scale
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The base weight as a dense [out, in] tensor (dequantized if NF4), without the LoRA delta."""
         if self.nf4 is not None:
@@ -67,17 +86,16 @@ class Phi3Linear(nn.Module):
         return self.base.detach().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        from phi3fast.kernels import lora_linear, nf4_matmul
-
         if self.lora_A is None:
             if self.nf4 is not None:
-                return nf4_matmul(x, self.nf4)
+                # Differentiable in x (the frozen weight gets no gradient): a layer below may be training.
+                return nf4_linear(x, self.nf4, self.kernel_backend)
             return F.linear(x, self.weight)
         # LoRA factors are kept in fp32 (master weights); the cast is differentiable, so grads land in fp32.
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # x_lora=None lets the kernel reuse x (no dropout copy) whenever dropout is off or in eval mode.
         x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
-        return lora_linear(x, self.base, a, b, self.lora_scale, x_lora=x_lora)
+        return lora_linear(x, self.base, a, b, self.lora_scale, x_lora=x_lora, backend=self.kernel_backend)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Phi3Linear:
         # .to(device)/.cuda() must move the NF4 tensors too; dtype casts must not touch them (their own dtypes).
@@ -104,8 +122,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Normalize in fp32, then cast back before the weight, exactly as transformers' Phi3RMSNorm; the torch
         # backend runs exactly that code (phi3fast.kernels.rmsnorm.rms_norm_reference).
-        from phi3fast.kernels import rms_norm
-
         return rms_norm(x, self.weight, self.eps, self.kernel_backend)
 
 
@@ -122,7 +138,7 @@ class RotaryEmbedding(nn.Module):
         key = (str(device), long)
         if key not in self._inv:
             cfg = self.config
-            dim = cfg.head_dim
+            dim = cfg.rotary_dim  # partial rotary: the first rotary_dim features of each head
             inv = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
             if cfg.rope_scaling is not None:
                 ext = cfg.rope_scaling.long_factor if long else cfg.rope_scaling.short_factor
@@ -183,8 +199,6 @@ class Attention(nn.Module):
         # RoPE in place on the fused projection output, q and k heads only (phi3fast.kernels.rope). transformers
         # computes x * cat(cos, cos) + rotate_half(x) * cat(sin, sin); per half that is (x1 cos - x2 sin,
         # x2 cos + x1 sin), the same roundings, which the torch backend computes.
-        from phi3fast.kernels import rope_qkv_
-
         qkv = rope_qkv_(self.qkv_proj(x), cos, sin, self.n_heads, self.n_kv, self.kernel_backend)
         q, k, v = qkv.split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
         q = q.view(B, T, self.n_heads, hd).transpose(1, 2)
@@ -208,8 +222,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Fused rows: gate first, then up; the torch backend computes up * silu(gate), as transformers does.
-        from phi3fast.kernels import swiglu
-
         return self.down_proj(swiglu(self.gate_up_proj(x), self.kernel_backend))
 
 
@@ -278,7 +290,7 @@ class Phi3ForCausalLM(nn.Module):
         self.tokenizer: Any = None
         self.model_dir: Path | None = None
         self.name_or_path = ""  # what the caller passed (a path or a Hub id); adapters record it
-        self.lora_config: Any = None  # set by phi3fast.lora.apply_lora
+        self.lora_config: Any = None  # a phi3fast.lora.LoraConfig once adapters are added
         self._kernel_backend = "auto"  # each RMSNorm, Attention and MLP starts at 'auto' too
 
     @property
@@ -293,8 +305,6 @@ class Phi3ForCausalLM(nn.Module):
     def set_kernel_backend(self, backend: str) -> None:
         """Pick the backend of the row-wise kernels (RMSNorm, RoPE, SwiGLU) in every layer; the linears keep
         their own 'auto' (NF4/LoRA kernels on CUDA)."""
-        from phi3fast.kernels.reference import BACKENDS
-
         if backend not in BACKENDS:
             raise Phi3FastError(f"kernel backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self._kernel_backend = backend
@@ -356,23 +366,3 @@ class Phi3ForCausalLM(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> Tensor:
         return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids, kv_cache))
-
-
-def load(
-    model_dir: str | Path,
-    adapter: str | Path | None = None,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    quantize: str | None = "nf4",
-) -> Phi3ForCausalLM:
-    """Load a transformers-format Phi-3 checkpoint (local dir or Hub id) into phi3fast's module, in eval mode.
-
-    quantize: 'nf4' (QLoRA base: every decoder linear in NF4, quantized as it is read) or None (dense).
-    dtype: the compute dtype of embeddings, norms, lm_head and activations; None = bf16 on CUDA, fp32 on CPU.
-    device: None = CUDA if available, else CPU. adapter: a PEFT LoRA directory applied on top.
-    The model carries `.config` (Phi3Config), `.tokenizer` (transformers, with Phi-3's chat template) and
-    `.model_dir`. See phi3fast.loading for the file rules and errors.
-    """
-    from phi3fast.loading import load_model
-
-    return load_model(model_dir, adapter=adapter, dtype=dtype, device=device, quantize=quantize)

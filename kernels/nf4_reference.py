@@ -6,71 +6,49 @@ argument checks below, so every backend rejects bad input with the same message.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from phi3fast.errors import Phi3FastError
-from phi3fast.quant import one_cpu_thread
-
-if TYPE_CHECKING:
-    from phi3fast.quant import NF4Weight
-
-BACKENDS = ("auto", "triton", "torch")
+from .backend import KernelInputError, one_cpu_thread
 
 
-GPU_DTYPES = (
-    torch.float16,
-    torch.bfloat16,
-)  # the activation dtypes the Triton GEMMs are built for (and AOT-checked)
+class NF4Tensors(Protocol):
+    """What the NF4 ops read from a weight (phi3fast.quant.NF4Weight is one): W[N, K] in bitsandbytes' layout,
+    `packed` uint8 [N*K/2, 1] (element 2i in the high nibble), `code` the fp32 codebook [16], one scale per
+    `blocksize` consecutive elements, decoded by real_absmax() (fp32 [nblocks]). The kernels also read the
+    double-quantization tensors (absmax codes, nested_code, nested_absmax, offset) directly."""
+
+    packed: Tensor
+    absmax: Tensor
+    code: Tensor
+    nested_absmax: Tensor | None
+    nested_code: Tensor | None
+    offset: Tensor | None
+    blocksize: int
+    shape: tuple[int, int]
+    double_quant: bool
+
+    def real_absmax(self) -> Tensor: ...
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, *, gemm: bool = True) -> str:
-    """'torch' or 'triton' for an op on `device` with data of `dtype` (activations of a GEMM if `gemm`).
-
-    'auto': Triton on CUDA (GEMMs: fp16/bf16 only), else the torch reference (fp32 GEMMs on CUDA included).
-    'triton' off CUDA runs Triton's interpreter, which must be on and mis-rounds bf16 (no bf16 there)."""
-    if backend not in BACKENDS:
-        raise Phi3FastError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
-    gemm_ok = not gemm or dtype in GPU_DTYPES
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and gemm_ok else "torch"
-    if backend == "torch":
-        return backend
-    if device.type == "cuda":
-        if not gemm_ok:
-            raise Phi3FastError(f"backend='triton' on CUDA takes fp16 or bf16 activations, got {dtype}; use "
-                                "backend='auto' (runs the torch path) or cast the input")  # fmt: skip
-        return backend
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise Phi3FastError(
-            f"backend='triton' on a {device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before phi3fast.kernels is imported, or use backend='auto'"
-        )
-    if dtype == torch.bfloat16:
-        raise Phi3FastError("backend='triton' on CPU runs Triton's interpreter, which cannot compute in bf16; "
-                            "use fp32/fp16 or backend='torch'")  # fmt: skip
-    return backend
-
-
-def check_weight(w: NF4Weight) -> tuple[int, int]:
+def check_weight(w: NF4Tensors) -> tuple[int, int]:
     """(N, K) of an NF4 weight whose K and N are multiples of its blocksize (every kernel tile relies on it)."""
     n, k = w.shape
     bs = w.blocksize
     if bs < 32 or bs & (bs - 1):
-        raise Phi3FastError(
+        raise KernelInputError(
             f"NF4 blocksize {bs}: expected a power of two >= 32 (the kernels' K-tile is 32 or 64)"
         )
     if k % bs or n % bs:
-        raise Phi3FastError(
+        raise KernelInputError(
             f"NF4 weight of shape ({n}, {k}): K={k} and N={n} must both be multiples of the blocksize {bs} "
             "(each K-tile of a row must cover whole absmax blocks)"
         )
     if w.packed.numel() * 2 != n * k:
-        raise Phi3FastError(
+        raise KernelInputError(
             f"NF4 weight of shape ({n}, {k}) holds {w.packed.numel()} packed bytes, expected {n * k // 2}"
         )
     return n, k
@@ -78,38 +56,34 @@ def check_weight(w: NF4Weight) -> tuple[int, int]:
 
 def check_input(x: Tensor, k: int, name: str = "x") -> None:
     if not x.is_floating_point():
-        raise Phi3FastError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        raise KernelInputError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != k:
-        raise Phi3FastError(f"{name} of shape {tuple(x.shape)}: the last dimension must be K={k}")
+        raise KernelInputError(f"{name} of shape {tuple(x.shape)}: the last dimension must be K={k}")
 
 
 def check_lora(x: Tensor, n: int, k: int, lora_a: Tensor, lora_b: Tensor, x_lora: Tensor | None) -> None:
     check_input(x, k)
     if lora_a.dim() != 2 or lora_a.shape[1] != k:
-        raise Phi3FastError(f"lora_a of shape {tuple(lora_a.shape)}: expected (r, K={k})")
+        raise KernelInputError(f"lora_a of shape {tuple(lora_a.shape)}: expected (r, K={k})")
     r = lora_a.shape[0]
     if lora_b.dim() != 2 or tuple(lora_b.shape) != (n, r):
-        raise Phi3FastError(f"lora_b of shape {tuple(lora_b.shape)}: expected (N={n}, r={r})")
+        raise KernelInputError(f"lora_b of shape {tuple(lora_b.shape)}: expected (N={n}, r={r})")
     if x_lora is not None and x_lora.shape != x.shape:
-        raise Phi3FastError(f"x_lora of shape {tuple(x_lora.shape)} must match x's shape {tuple(x.shape)}")
+        raise KernelInputError(f"x_lora of shape {tuple(x_lora.shape)} must match x's shape {tuple(x.shape)}")
 
 
 # ---- NF4 math ---------------------------------------------------------------------------------------------------
-# The CPU runtime path: W is decoded in chunks and each chunk is used right away, so a matmul never holds a full
-# dequantized copy of W (a Phi-3 gate_up is 50M weights: 100 MB in bf16). Each weight is decoded exactly once per
-# op. Decoding, per chunk, into buffers allocated once per call (fresh large tensors cost page faults every time):
+# Note: Decode in Chunks. W is decoded in chunks and each chunk is used right away, so a matmul never holds a full
+# dequantized copy of W, and each weight is decoded exactly once per op, into buffers allocated once per call:
 #   1. packed bytes -> int32 indices, copied into a reused buffer (index_select takes int32 as fast as int64),
 #   2. one 1-D index_select from a 256-entry table whose int64 entries hold the byte's two fp32 code values (high
-#      nibble first): one 8-byte load per byte (torch.take, gather and embedding measured no faster),
+#      nibble first): one 8-byte load per byte,
 #   3. code * absmax in fp32 over a [blocks, blocksize] view (in place), rounded once to the compute dtype by
 #      the copy into the tile: bit-identical to bitsandbytes.
-# Threads: the decode runs on one intra-op thread (and so does the whole op when M <= SMALL_M, where the GEMMs are
-# tiny). Every multi-threaded torch op is an OpenMP parallel region, and on a busy 2-core box each region waits
-# for a descheduled worker: measured at K=3072, N=9216, M=1 bf16 while another process used a core, 1753 ms median
-# with 2 threads vs 31 ms with 1 (23 ms vs 28 ms on an idle machine). Large-M GEMMs keep all threads.
-# Chunks: M <= SMALL_M takes SMALL_M_CHUNK weights per chunk (2^20 beat 2^18 and 2^22 single-threaded); with many
-# rows the GEMM dominates and wide chunks (CHUNK_ELEMENTS) keep oneDNN's tiles efficient (a GEMM over 21 rows of
-# W runs at a quarter of the speed of one over 1024).
+# Note: Threads. The decode runs on one intra-op thread (and so does the whole op when M <= SMALL_M, where the
+# GEMMs are tiny): see backend.one_cpu_thread. Large-M GEMMs keep all threads.
+# Chunk sizes: small M is decode-bound and takes SMALL_M_CHUNK weights per chunk; with many rows the GEMM
+# dominates and wide chunks (CHUNK_ELEMENTS) keep oneDNN's tiles efficient. Measurements: docs/nf4-format.md.
 
 CHUNK_ELEMENTS = 1 << 22  # 4M weights: 8 MB bf16 tile + 16 MB fp32 codes + 8 MB indices of workspace
 SMALL_M = 16
@@ -119,7 +93,7 @@ SMALL_M_CHUNK = 1 << 20
 class Decoder:
     """Per-call decoding state of one NF4 weight: the byte table, fp32 absmax and reusable chunk buffers."""
 
-    def __init__(self, w: NF4Weight, dtype: torch.dtype, chunk: int) -> None:
+    def __init__(self, w: NF4Tensors, dtype: torch.dtype, chunk: int) -> None:
         n, k = check_weight(w)
         code = w.code.float()
         pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1).contiguous()
@@ -134,7 +108,7 @@ class Decoder:
 
 
 def dequantize_tile(
-    w: NF4Weight, dec: Decoder, rows: slice, cols: slice, out: Tensor | None = None
+    w: NF4Tensors, dec: Decoder, rows: slice, cols: slice, out: Tensor | None = None
 ) -> Tensor:
     """W[rows, cols] in dec.dtype (written to `out` if given, else to dec's tile buffer, valid until the next
     call); cols start and stop on blocksize boundaries."""
@@ -150,8 +124,8 @@ def dequantize_tile(
     if out.dtype == torch.float32:
         torch.mul(vals.view(r, -1, bs), scale, out=out.view(r, -1, bs))
     else:
-        # In place in fp32, then one rounding on the copy: measured 10-25% faster per op than a mixed-dtype mul
-        # with a bf16 out= (same bits: both round the fp32 product once).
+        # In place in fp32, then one rounding on the copy: faster than a mixed-dtype mul with a bf16 out= (the
+        # same bits: both round the fp32 product once).
         out.copy_(vals.view(r, -1, bs).mul_(scale).view(r, -1))
     return out
 
@@ -170,12 +144,12 @@ def _col_chunks(n: int, k: int, bs: int, chunk: int) -> list[slice]:
     return [slice(s, min(s + step, k)) for s in range(0, k, step)]
 
 
-def _workspace(w: NF4Weight, dtype: torch.dtype, chunks: list[slice], width: int) -> Decoder:
+def _workspace(w: NF4Tensors, dtype: torch.dtype, chunks: list[slice], width: int) -> Decoder:
     """A decoder whose buffers hold the largest of `chunks` (slices of length <= chunks[0]) times `width`."""
     return Decoder(w, dtype, (chunks[0].stop - chunks[0].start) * width)
 
 
-def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize(w: NF4Tensors, dtype: torch.dtype = torch.float32) -> Tensor:
     """W [N, K] in dtype."""
     n, k = check_weight(w)
     chunks = _row_chunks(n, k, min(CHUNK_ELEMENTS, SMALL_M_CHUNK))
@@ -188,12 +162,17 @@ def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def _tiled_gemm(
-    a: Tensor, w: NF4Weight, dec: Decoder, chunks: list[slice], decode: Callable[[slice], Tensor], out: Tensor
+    a: Tensor,
+    w: NF4Tensors,
+    dec: Decoder,
+    chunks: list[slice],
+    decode: Callable[[slice], Tensor],
+    out: Tensor,
 ) -> Tensor:
     """out[:, c] = a @ decode(c) for every chunk c of W, where decode(c) dequantizes W's part c into dec's tile.
 
     Small M (decode-bound): everything on one intra-op thread. Large M (GEMM-bound): the decode on one thread,
-    the matmuls on all (see phi3fast.quant.one_cpu_thread)."""
+    the matmuls on all (see backend.one_cpu_thread)."""
     small = a.shape[0] <= SMALL_M
     with one_cpu_thread(a.device, small):
         for c in chunks:
@@ -206,7 +185,7 @@ def _tiled_gemm(
     return out
 
 
-def _matmul_rows(x2: Tensor, w: NF4Weight) -> Tensor:
+def matmul_rows(x2: Tensor, w: NF4Tensors) -> Tensor:
     """x2 [M, K] @ W^T, one chunk of output columns (rows of W) at a time."""
     n, k = w.shape
     chunks = _row_chunks(n, k, _chunk(x2.shape[0]))
@@ -215,19 +194,19 @@ def _matmul_rows(x2: Tensor, w: NF4Weight) -> Tensor:
     return _tiled_gemm(x2, w, dec, chunks, lambda rows: dequantize_tile(w, dec, rows, slice(0, k)).t(), out)
 
 
-def nf4_matmul(x: Tensor, w: NF4Weight) -> Tensor:
+def nf4_matmul(x: Tensor, w: NF4Tensors) -> Tensor:
     """x @ W^T in x's dtype (CPU bf16 matmuls accumulate in fp32 inside oneDNN)."""
     n, k = check_weight(w)
     check_input(x, k)
-    return _matmul_rows(x.reshape(-1, k), w).view(*x.shape[:-1], n)
+    return matmul_rows(x.reshape(-1, k), w).view(*x.shape[:-1], n)
 
 
-def base_plus_lora(x2: Tensor, w: NF4Weight, t: Tensor, b: Tensor, scale: float) -> Tensor:
+def base_plus_lora(x2: Tensor, w: NF4Tensors, t: Tensor, b: Tensor, scale: float) -> Tensor:
     """x2 W^T + scale * t B^T for x2 [M, K], t = x_lora A^T [M, r] (the LoRA forward's two GEMMs)."""
-    return _matmul_rows(x2, w).addmm_(t, b.t(), alpha=scale)
+    return matmul_rows(x2, w).addmm_(t, b.t(), alpha=scale)
 
 
-def lora_dx(g2: Tensor, w: NF4Weight, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
+def lora_dx(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
     """dY W (+ scale * u A with u = dY B, when x_lora is x): the LoRA backward's input gradient, one chunk of
     output columns (columns of W) at a time, so every sum over N happens inside one matmul."""
     n, k = w.shape

@@ -4,7 +4,7 @@ Design note: every rank holds the frozen base and the same LoRA weights, compute
 micro-batches of each global batch, and the LoRA gradients are summed across ranks with one all_reduce per
 optimizer step. Each loss is divided by the target count of the WHOLE global batch (which every rank knows, as
 it sees the same data order), so the summed gradient is exactly that of one process running all the micro-batches
-with --grad-accum N. LoRA gradients are a few MB, so one flat all_reduce per step costs less than DDP's per-bucket
+with grad_accum N. LoRA gradients are a few MB, so one flat all_reduce per step costs less than DDP's per-bucket
 hooks would buy in overlap, and it needs no no_sync() bookkeeping across accumulation steps.
 """
 

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 
 from phi3fast.errors import Phi3FastError
+from phi3fast.kernels.cross_entropy import IGNORE_INDEX
+from phi3fast.model.chat import ROLES
 
-IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|end|>"
 # Markers of Phi-3's chat format: inside a message they would be read as structure, not text.
 RESERVED = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
@@ -318,7 +318,7 @@ def build_rows(
     stats = DataStats(len(samples), sum(s.truncated for s in samples), len(encoded) - len(samples))
     if not samples:
         raise Phi3FastError(
-            f"{examples[0].where.rsplit(':', 1)[0]}: no row has a trained token within --seq-len {seq_len}"
+            f"{examples[0].where.rsplit(':', 1)[0]}: no row has a trained token within seq_len {seq_len}"
         )
     if packing:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -347,3 +347,21 @@ def collate(rows: Sequence[Row], pad_id: int) -> Batch:
         else:
             n_tokens += n
     return Batch(ids, labels, pos, seq, n_tokens)
+
+
+class DataOrder:
+    """Row order: epoch e is a permutation seeded by (seed, e); the stream of epochs is cut into global batches.
+    The order is a pure function of (seed, step), so resuming needs only the step."""
+
+    def __init__(self, n_rows: int, seed: int) -> None:
+        self.n, self.seed, self._epoch, self._perm = n_rows, seed, -1, torch.empty(0, dtype=torch.long)
+
+    def rows(self, start: int, count: int) -> list[int]:
+        out = []
+        for pos in range(start, start + count):
+            epoch, offset = divmod(pos, self.n)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+            out.append(int(self._perm[offset]))
+        return out

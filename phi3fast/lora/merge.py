@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from phi3fast.errors import Phi3FastError
-from phi3fast.loading import load_model, weight_files
+from phi3fast._utils import atomic_dir, check_new_dir
+from phi3fast.kernels.backend import DTYPES
+from phi3fast.model.loading import BNB_SUFFIXES, load, weight_files
 
 # Files copied verbatim from the base checkpoint (tokenizer and generation settings).
 COPIED = (
@@ -35,7 +35,8 @@ COPIED = (
     "generation_config.json",
 )
 MAX_SHARD_BYTES = 2 * 1024**3
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config.json names dtypes as torch does ("bfloat16").
+_BY_TORCH_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
 
 
 def _base_dtype(raw: dict) -> torch.dtype:
@@ -43,7 +44,7 @@ def _base_dtype(raw: dict) -> torch.dtype:
     q = raw.get("quantization_config") or {}
     name = q.get("bnb_4bit_compute_dtype") if q else None
     name = name or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
-    return _DTYPES.get(str(name).removeprefix("torch."), torch.bfloat16)
+    return _BY_TORCH_NAME.get(str(name).removeprefix("torch."), torch.bfloat16)
 
 
 def merge_adapter(
@@ -56,12 +57,11 @@ def merge_adapter(
 ) -> Path:
     """Write base + adapter as one transformers checkpoint in out_dir (atomically); returns out_dir."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Phi3FastError(f"{out}: already exists and is not an empty directory")
+    check_new_dir(out)  # before the (slow) load
     # fp32 compute so the delta is added before any rounding to the output dtype.
     # On CUDA when there is one (quantizing and dequantizing a real Phi-3 is much faster there); tensors are
     # moved to the host one at a time for writing.
-    model = load_model(model_dir, adapter=adapter_dir, dtype=torch.float32, quantize=quantize)
+    model = load(model_dir, adapter=adapter_dir, dtype=torch.float32, quantize=quantize)
     root = model.model_dir
     assert root is not None
     raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
@@ -83,11 +83,9 @@ def merge_adapter(
                 continue  # base/LoRA weights of the projections (merged above); a tied lm_head is not stored
             yield (name if name.startswith("lm_head.") else f"model.{name}"), p.detach().to(dtype).cpu()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         written = _write_shards(merged(), tmp, MAX_SHARD_BYTES)
-        expected = {k for k in weight_files(root) if not k.endswith(_BNB_SUFFIXES)}
+        expected = {k for k in weight_files(root) if not k.endswith(tuple(f".{x}" for x in BNB_SUFFIXES))}
         if written != expected:  # internal invariant: the same tensor names as the base checkpoint
             raise AssertionError(f"merged tensors differ from the base: {sorted(written ^ expected)[:5]}")
         raw.pop("quantization_config", None)
@@ -97,23 +95,7 @@ def merge_adapter(
         for name in COPIED:
             if (root / name).is_file():
                 shutil.copyfile(root / name, tmp / name)
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-_BNB_SUFFIXES = (
-    ".absmax",
-    ".quant_map",
-    ".nested_absmax",
-    ".nested_quant_map",
-    ".quant_state.bitsandbytes__nf4",
-)
 
 
 def _write_shards(

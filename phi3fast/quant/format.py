@@ -1,121 +1,38 @@
-"""QLoRA's NF4 format, bit-compatible with bitsandbytes (quantize_4bit, quant_type='nf4').
+"""QLoRA's NF4 format, bit-compatible with bitsandbytes (quantize_4bit, quant_type='nf4'): the NF4Weight that
+holds one quantized matrix, its bitsandbytes state-dict I/O, and the 8-bit quantizer of its absmax.
 
-Layout (what bitsandbytes stores, and what phi3fast.kernels reads)
------------------------------------------------------------------
-W[N, K] is flattened row-major and cut into blocks of `blocksize` consecutive elements (the last block may be
-partial). Each block is scaled by its absmax into [-1, 1] and every element becomes the index of the nearest NF4
-codebook value. Two 4-bit indices share a byte: element 2i in the HIGH nibble, 2i+1 in the low nibble; `packed`
-is uint8 [ceil(N*K/2), 1] (an odd element count pads the last low nibble with the code of 0.0, i.e. 7).
-
-With double quantization the per-block absmax (fp32) is itself quantized: its mean (`offset`) is subtracted and
-the residuals are quantized blockwise (blocks of 256) to uint8 codes into bitsandbytes' signed 8-bit dynamic map
-(`nested_code`, 256 entries), with one fp32 scale per 256 blocks (`nested_absmax`). So
-    real_absmax[b] = nested_code[absmax[b]] * nested_absmax[b // 256] + offset
-and storage is 4 + 8/blocksize + 32/(256*blocksize) = 4.127 bits per parameter at blocksize 64.
-
-Rounding, exactly as bitsandbytes does it (so our codes equal its codes on the same input)
-------------------------------------------------------------------------------------------
-- 4-bit: scaled = clamp(x * (1/max(absmax, 1e-38)), -1, 1) in fp32 (the reciprocal is rounded once, then
-  multiplied); the final partial block divides instead (x / max(absmax, 1e-38)), as bitsandbytes' torch path
-  does. The code is the number of codebook midpoints strictly below `scaled`: a value exactly on a midpoint
-  rounds DOWN (bitsandbytes' torch.bucketize(right=False); its CUDA decision tree uses the same fp32 pivots with
-  `>`). We count them exactly with a table on the top 16 bits of `scaled` (CPU) or 15 compares (Triton).
-- 8-bit (nested absmax): bitsandbytes' CPU library maps v = clamp(x * (1/absmax), -1, 1) onto a 65536-entry grid,
-  idx = trunc(((v + 1) * 0.5) * 65535 + 0.5), and looks the code up in a table built from the grid points
-  -1 + 2i/65535 (code = midpoints strictly below the grid point). A block whose absmax is 0 gets code 0.
-  We reproduce that table, so nested codes match bitsandbytes' CPU output bit for bit.
-- The offset is `absmax.mean()` in fp32 on the weight's device, the torch reduction bitsandbytes calls (so a CPU
-  and a CUDA quantization of one weight may differ in the offset's last bit, as bitsandbytes' do).
-The oracle of the tests is bitsandbytes on CPU. On CUDA, bitsandbytes' own 8-bit kernel searches the 256-entry map
-directly instead of the 65536-point grid, so a checkpoint it quantized on a GPU can hold nested codes one step
-away from ours in rare cases; reading such a checkpoint is unaffected (the stored codes are used as they are).
-NaN/inf weights are refused (bitsandbytes quantizes them silently into NaN blocks).
-
-State dict
-----------
-`to_bnb_state_dict(prefix)` writes exactly the tensors bitsandbytes' Linear4bit (and so transformers'
-save_pretrained) writes for a 4-bit weight, with `prefix` joined as torch does: prefix="model.layers.0.mlp.down_proj."
-gives "model.layers.0.mlp.down_proj.weight", "...weight.absmax", "...weight.quant_map", "...weight.nested_absmax",
-"...weight.nested_quant_map" and "...weight.quant_state.bitsandbytes__nf4" (uint8 bytes of a JSON object with
-quant_type, blocksize, dtype, shape, nested_blocksize, nested_dtype, nested_offset, in bitsandbytes' key order).
+The layout, the exact rounding rules and the state-dict keys are specified in docs/nf4-format.md. The 4-bit
+codebook and the block quantizer are pure tensor math shared with the Triton kernels, so they live in
+phi3fast.kernels.nf4_quantize; phi3fast.quant.quantize_nf4 puts the two together.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from phi3fast.errors import Phi3FastError
+from phi3fast.kernels import nf4_quantize
+from phi3fast.kernels.backend import one_cpu_thread
+from phi3fast.kernels.nf4_quantize import NF4_BOUNDS, NF4_CODE, SUPPORTED_BLOCKSIZES
 
 __all__ = [
     "NF4_BOUNDS",
     "NF4_CODE",
+    "NESTED_BLOCKSIZE",
     "NF4FormatError",
     "NF4Weight",
     "SUPPORTED_BLOCKSIZES",
-    "dynamic_map",
-    "quantize_nf4",
 ]
+__all__ += ["SUPPORTED_DTYPES", "bits_per_parameter", "dynamic_map", "quantize_8bit"]
 
-# bitsandbytes' NF4 codebook (QLoRA, Dettmers et al. 2023): the 16 quantiles of N(0, 1), normalized to [-1, 1].
-NF4_CODE = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=torch.float32,
-)
-# fp32 midpoints between neighbouring codes; equal to the pivots of bitsandbytes' CUDA decision tree.
-NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-
-SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax in blocks of 256, always
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QS_KEY = "quant_state.bitsandbytes__nf4"
-# Elements per CPU chunk: a multiple of every blocksize; ~14 bytes of temporaries per element -> ~3.5 MB.
-_CPU_CHUNK = 1 << 18
 _LUT_SIZE = 65536  # bitsandbytes' CPU 8-bit quantizer grid
-
-
-@contextmanager
-def one_cpu_thread(device: torch.device, on: bool = True) -> Iterator[None]:
-    """Run the chunked CPU loops below with one intra-op thread (a no-op off CPU or when `on` is False).
-
-    Design note: each 256K-element chunk is ~10 small torch ops. With several intra-op threads each op is an
-    OpenMP parallel region, and on a busy machine every region waits for descheduled workers. Measured on the
-    2-core box at load ~13 (3072x8192 bf16): quantize 4.0 s with 2 threads vs 0.48 s with 1, dequantize 1.47 s
-    vs 0.16 s. The price on an idle machine is at most the parallel speed-up of these memory-bound loops.
-    """
-    threads = torch.get_num_threads()
-    if not on or device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class NF4FormatError(Phi3FastError, ValueError):
@@ -142,7 +59,7 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-_DYNAMIC_MAP = dynamic_map()
+DYNAMIC_MAP = dynamic_map()
 
 
 def _lut_8bit(code: torch.Tensor) -> torch.Tensor:
@@ -152,12 +69,12 @@ def _lut_8bit(code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(grid, mid, right=False).to(torch.uint8)  # midpoints strictly below each grid point
 
 
-_LUT_DYNAMIC = _lut_8bit(_DYNAMIC_MAP)
+_LUT_DYNAMIC = _lut_8bit(DYNAMIC_MAP)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: identity hash/equality (tensors have no truth value)
 class NF4Weight:
-    """A frozen W[N, K] in NF4 (see the module docstring for the layout). Holds tensors only; no grad."""
+    """A frozen W[N, K] in NF4 (layout: docs/nf4-format.md). Holds tensors only; no grad."""
 
     packed: torch.Tensor  # uint8 [ceil(N*K/2), 1]
     absmax: torch.Tensor  # uint8 [nblocks] (double_quant) or float32 [nblocks]
@@ -221,13 +138,15 @@ class NF4Weight:
         dequantize_4bit when dtype is the original dtype)."""
         n, bs = self.numel, self.blocksize
         # byte -> (code[high nibble], code[low nibble]) as one 8-byte entry: a 1-D int64 gather decodes two
-        # elements at once (3x faster than gathering [256, 2] rows).
+        # elements at once.
         pair_table = torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), dim=1)
         pair_table = pair_table.contiguous().view(torch.int64).view(-1)
         packed = self.packed.view(-1)
         out = torch.empty(n, dtype=dtype, device=self.device)
         full_n = n - n % bs
-        chunk = max(_CPU_CHUNK // bs, 1) * bs  # whole blocks, an even count: cache-sized temporaries
+        chunk = (
+            max(nf4_quantize.CPU_CHUNK // bs, 1) * bs
+        )  # whole blocks, an even count: cache-sized temporaries
         with one_cpu_thread(self.device):
             scale = self.real_absmax()  # elementwise: the same bits with any thread count
             for start in range(0, full_n, chunk):
@@ -257,7 +176,7 @@ class NF4Weight:
         return state
 
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """The tensors bitsandbytes' Linear4bit saves for its weight, keys `{prefix}weight[.…]` (see module doc)."""
+        """The tensors bitsandbytes' Linear4bit saves for its weight, keys `{prefix}weight[.…]` (docs/nf4-format.md)."""
         _check_prefix(prefix)
         key = f"{prefix}weight"
         sd = {key: self.packed, f"{key}.absmax": self.absmax, f"{key}.quant_map": self.code}
@@ -308,7 +227,7 @@ class NF4Weight:
         ):
             raise NF4FormatError(f"{key}: shape {shape!r} is not a 2-D weight shape [N, K]")
         dtype = getattr(torch, str(state["dtype"]), None)
-        if dtype not in _SUPPORTED_DTYPES:
+        if dtype not in SUPPORTED_DTYPES:
             raise NF4FormatError(f"{key}: dtype {state['dtype']!r} is not float32, float16 or bfloat16")
 
         n, k = shape
@@ -351,148 +270,7 @@ class NF4Weight:
         return cls(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, (n, k), dtype, True)
 
 
-def quantize_nf4(
-    w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *, backend: str = "auto"
-) -> NF4Weight:
-    """Quantize W[N, K] (fp32/fp16/bf16) to NF4 exactly as bitsandbytes.functional.quantize_4bit(quant_type='nf4',
-    compress_statistics=double_quant) does. backend: 'auto' = Triton on CUDA, torch on CPU; 'torch'; 'triton'
-    (on CPU only under TRITON_INTERPRET=1)."""
-    if not isinstance(w, torch.Tensor):
-        raise NF4FormatError(f"quantize_nf4: w must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() != 2:
-        raise NF4FormatError(f"quantize_nf4: w must be 2-D [N, K], got shape {tuple(w.shape)}")
-    if w.numel() == 0:
-        raise NF4FormatError(f"quantize_nf4: w is empty, shape {tuple(w.shape)}")
-    if w.dtype not in _SUPPORTED_DTYPES:
-        raise NF4FormatError(f"quantize_nf4: w must be float32, float16 or bfloat16, got {w.dtype}")
-    if blocksize not in SUPPORTED_BLOCKSIZES:
-        raise NF4FormatError(
-            f"quantize_nf4: blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}"
-        )
-    if backend not in ("auto", "torch", "triton"):
-        raise NF4FormatError(f"quantize_nf4: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-
-    if backend == "triton" and not w.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise NF4FormatError(
-            "quantize_nf4: backend='triton' on CPU needs TRITON_INTERPRET=1 before triton loads"
-        )
-    w = w.detach()
-    if backend == "triton" or (backend == "auto" and w.is_cuda):
-        from phi3fast.kernels.nf4_quantize import nf4_quantize_blocks
-
-        packed, absmax = nf4_quantize_blocks(w, blocksize)
-    else:
-        with one_cpu_thread(w.device):
-            packed, absmax = quantize_blocks_torch(w, blocksize)
-    # A NaN or inf makes its whole block NaN (bitsandbytes quantizes it silently); say where instead.
-    bad = torch.nonzero(~torch.isfinite(absmax)) if not bool(torch.isfinite(absmax.sum())) else absmax[:0]
-    if bad.numel():
-        block = w.reshape(-1)[int(bad[0, 0]) * blocksize :][:blocksize]
-        first = int(bad[0, 0]) * blocksize + int(torch.nonzero(~torch.isfinite(block))[0, 0])
-        row, col = divmod(first, w.shape[1])
-        value = w.reshape(-1)[first].item()
-        raise NF4FormatError(f"quantize_nf4: w[{row}, {col}] is {value}; NaN and inf cannot be quantized")
-
-    code = NF4_CODE.to(w.device)
-    shape = (w.shape[0], w.shape[1])
-    if not double_quant:
-        return NF4Weight(packed, absmax, code, None, None, None, blocksize, shape, w.dtype, False)
-    # The same fp32 torch reduction bitsandbytes uses, under the caller's thread setting (a parallel reduction
-    # may round differently with another thread count), so the same bits as bitsandbytes in this process.
-    offset = absmax.mean()
-    with one_cpu_thread(w.device):  # elementwise ops and per-block maxima: the same bits on any thread count
-        qabsmax, nested_absmax = _quantize_8bit(absmax - offset, NESTED_BLOCKSIZE)
-    return NF4Weight(
-        packed,
-        qabsmax,
-        code,
-        nested_absmax,
-        _DYNAMIC_MAP.to(w.device),
-        offset,
-        blocksize,
-        shape,
-        w.dtype,
-        True,
-    )
-
-
-def quantize_blocks_torch(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes uint8 [ceil(n/2), 1] and fp32 absmax [nblocks] of W (any shape), bitsandbytes' rounding.
-
-    Works through W in chunks of whole blocks (_CPU_CHUNK elements: the temporaries stay in L2, and peak memory
-    stays a few MB above the output whatever the size of W).
-    """
-    flat = w.reshape(-1)
-    n = flat.numel()
-    nblocks = -(-n // blocksize)
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
-    out = packed.view(-1)
-    absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
-    full_n = n - n % blocksize
-    chunk = max(_CPU_CHUNK // blocksize, 1) * blocksize  # whole blocks, an even count
-    for start in range(0, full_n, chunk):
-        blocks = flat[start : min(start + chunk, full_n)].float().view(-1, blocksize)
-        am = blocks.abs().amax(dim=1)  # (torch.aminmax over dim=1 is ~9x slower on CPU)
-        absmax[start // blocksize : start // blocksize + am.numel()] = am
-        # Multiply by the rounded reciprocal, as bitsandbytes does; clamp(min=1e-38) keeps all-zero blocks at 0.
-        scaled = torch.mul(blocks, (1.0 / am.clamp_(min=1e-38))[:, None]).clamp_(-1, 1)
-        out[start // 2 : start // 2 + scaled.numel() // 2] = _pack_pairs(_nf4_codes(scaled.view(-1)))
-    if full_n < n:  # the final partial block: bitsandbytes divides here instead, and keeps the clamped absmax
-        tail = flat[full_n:].float()
-        am_tail = tail.abs().max().clamp(min=1e-38)
-        absmax[-1] = am_tail
-        scaled = (tail / am_tail).clamp_(-1, 1)
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(
-                scaled, (0, 1)
-            )  # the pad nibble is the code of 0.0 (7), as in bnb
-        out[full_n // 2 :] = _pack_pairs(_nf4_codes(scaled.view(-1)))
-    return packed, absmax
-
-
-def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
-    """uint8 codes of values in [-1, 1]: how many codebook midpoints lie strictly below each (ties round down).
-
-    Exact table lookup on the top 16 bits of the fp32 pattern (sign, exponent, 7 mantissa bits): all floats with
-    the same top bits form one interval, which holds at most one midpoint, so code = base[key] + (x > mid[key]).
-    Two gathers and a compare cost ~4x less than 15 compare-and-add passes and ~15x less than torch.bucketize.
-    """
-    base, mid = _code_tables(scaled.device)
-    key = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
-    codes = base.index_select(0, key.view(-1)).view(scaled.shape)
-    codes += scaled > mid.index_select(0, key.view(-1)).view(scaled.shape)
-    return codes
-
-
-_CODE_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if device not in _CODE_TABLES:
-        top = (
-            torch.arange(65536, dtype=torch.int32) << 16
-        )  # wraps to the sign bit for keys >= 2**15, as wanted
-        ends = torch.stack((top.view(torch.float32), (top | 0xFFFF).view(torch.float32)))
-        ends = ends.nan_to_num(0.0, 0.0, 0.0).clamp(-1, 1)  # inf/NaN patterns never occur in clamped values
-        lo, hi = torch.bucketize(ends.amin(0), NF4_BOUNDS), torch.bucketize(ends.amax(0), NF4_BOUNDS)
-        assert int((hi - lo).max()) <= 1, "a 16-bit bucket straddles two NF4 midpoints"
-        mid = torch.where(hi > lo, NF4_BOUNDS[lo.clamp(max=14)], torch.tensor(2.0))  # 2.0: never exceeded
-        _CODE_TABLES[device] = (lo.to(torch.uint8).to(device), mid.to(device))
-    return _CODE_TABLES[device]
-
-
-def _pack_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """[2n] uint8 codes -> [n] bytes, code 2i in the high nibble and 2i + 1 in the low one."""
-    if (
-        sys.byteorder == "little"
-    ):  # one int16 lane holds the pair (2i in its low byte): 4x faster than strided
-        pairs = codes.view(torch.int16)
-        return ((pairs << 4) | (pairs >> 8)).to(torch.uint8)
-    pairs = codes.view(-1, 2)
-    return (pairs[:, 0] << 4) | pairs[:, 1]
-
-
-def _quantize_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' CPU blockwise 8-bit quantizer (dynamic map, 65536-point grid): codes uint8, absmax fp32."""
     n = x.numel()
     nblocks = -(-n // blocksize)

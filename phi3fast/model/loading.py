@@ -19,22 +19,23 @@ import os
 import re
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from phi3fast.config import Phi3Config, load_config
+from phi3fast import quant
 from phi3fast.errors import Phi3FastError
-from phi3fast.model import Phi3ForCausalLM
+from phi3fast.lora.peft_io import load_adapter
+from phi3fast.model.chat import load_tokenizer
+from phi3fast.model.config import Phi3Config, load_config
+from phi3fast.model.phi3 import Phi3ForCausalLM
 
 # Files a Phi-3 checkpoint needs from the Hub (never *.bin / *.pt / *.gguf / onnx folders).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 # bitsandbytes' per-weight quant-state keys, as transformers saves them next to `<module>.weight`.
-_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
 def _offline() -> bool:
@@ -159,13 +160,21 @@ def _bnb_4bit(config: Phi3Config, where: Path) -> bool:
     return True
 
 
-def load_model(
+def load(
     model_dir: str | Path,
     adapter: str | Path | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = "nf4",
 ) -> Phi3ForCausalLM:
+    """Load a transformers-format Phi-3 checkpoint (local dir or Hub id) into phi3fast's module, in eval mode.
+
+    quantize: 'nf4' (QLoRA base: every decoder linear in NF4, quantized as it is read) or None (dense).
+    dtype: the compute dtype of embeddings, norms, lm_head and activations; None = bf16 on CUDA, fp32 on CPU.
+    device: None = CUDA if available, else CPU. adapter: a PEFT LoRA directory applied on top.
+    The model carries `.config` (Phi3Config), `.tokenizer` (transformers, with Phi-3's chat template) and
+    `.model_dir`. The file rules and errors: this module's docstring.
+    """
     if quantize not in ("nf4", None):
         raise Phi3FastError(f"quantize must be 'nf4' or None, got {quantize!r}")
     root = resolve_model_dir(model_dir)
@@ -188,7 +197,7 @@ def load_model(
         if odd:
             raise Phi3FastError(
                 f"{root / 'config.json'}: projection sizes {odd} are not multiples of 64, which NF4 needs; "
-                f"load with quantize=None (--quantize none)"
+                f"load with quantize=None"
             )
     # Dense parameters (embeddings, norms, lm_head) by their shapes; Phi3Linear holds no parameter until loaded.
     expected: dict[str, tuple[int, ...]] = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -207,17 +216,16 @@ def load_model(
             f"{', '.join(where)}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     known = {ckpt_key(n) for n in expected}
+    if config.tie_word_embeddings:
+        known.add("lm_head.weight")  # some exports store the tied copy too; the embedding is the one read
     if bnb:
-        known |= {f"{ckpt_key(n)}.weight.{s}" for n in linears for s in _BNB_SUFFIXES}
+        known |= {f"{ckpt_key(n)}.weight.{s}" for n in linears for s in BNB_SUFFIXES}
     # Old exports carry RoPE caches (`rotary_emb.inv_freq`); RoPE is recomputed from the config, so they are dropped.
     unknown = [k for k in files if k not in known and not k.endswith("rotary_emb.inv_freq")]
     if unknown:
         raise Phi3FastError(
             f"{files[unknown[0]]}: unexpected tensors {unknown[:5]} (not a Phi-3 checkpoint?)"
         )
-
-    if quantize == "nf4" or bnb:
-        from phi3fast.quant import NF4Weight, quantize_nf4
 
     with ExitStack() as stack:
         reader = _Reader(files, stack)
@@ -229,7 +237,7 @@ def load_model(
             if lin is not None and bnb:
                 sd = {k: reader.get(k) for k in files if k == key or k.startswith(key + ".")}
                 try:
-                    w = NF4Weight.from_bnb_state_dict(sd, key.removesuffix("weight"))
+                    w = quant.NF4Weight.from_bnb_state_dict(sd, key.removesuffix("weight"))
                 except Exception as e:
                     raise Phi3FastError(
                         f"{files[key]}: bad bitsandbytes 4-bit tensor '{key}' ({e})"
@@ -246,7 +254,7 @@ def load_model(
                 raise Phi3FastError(f"{files[key]}: '{key}' has shape {tuple(t.shape)}, config needs {shape}")
             if lin is not None:
                 t = t.to(dev)
-                lin.set_base(quantize_nf4(t) if quantize == "nf4" else t.to(dtype))
+                lin.set_base(quant.quantize_nf4(t) if quantize == "nf4" else t.to(dtype))
             else:
                 _set_param(model, name, t.to(device=dev, dtype=dtype))
             del t  # peak host memory: about one tensor
@@ -257,8 +265,6 @@ def load_model(
     model.tokenizer = load_tokenizer(root)
     model.eval()
     if adapter is not None:
-        from phi3fast.lora import load_adapter
-
         load_adapter(model, resolve_model_dir(adapter))
     return model
 
@@ -267,24 +273,3 @@ def _set_param(model: nn.Module, name: str, t: Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
-
-
-def load_tokenizer(root: Path) -> Any:
-    """The checkpoint's transformers tokenizer; Phi-3's chat template is set if the files lack one."""
-    if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise Phi3FastError(f"{root}: no tokenizer files (tokenizer.json or tokenizer.model)")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(root))
-    except Exception as e:
-        files = [f for f in TOKENIZER_FILES if (root / f).is_file()]
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise Phi3FastError(
-            f"{root}: cannot load the tokenizer from {', '.join(files)} ({type(e).__name__}: {first})"
-        ) from None
-    if not getattr(tok, "chat_template", None):
-        from phi3fast.tiny import PHI3_CHAT_TEMPLATE
-
-        tok.chat_template = PHI3_CHAT_TEMPLATE
-    return tok

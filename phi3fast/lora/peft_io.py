@@ -1,87 +1,29 @@
-"""LoRA adapters on phi3fast's Phi-3, saved and loaded in PEFT's format.
+"""LoRA adapters in PEFT's format: state dicts, adapter_config.json and adapter_model.safetensors.
 
-Each targeted `Phi3Linear` gets A [r, in] (Kaiming-uniform, as PEFT) and B [out, r] (zeros), kept in fp32 (the
-forward casts them to the compute dtype), and computes x W^T + (alpha / r) * dropout(x) A^T B^T. They are the only
-trainable parameters. On disk (PEFT): `adapter_config.json` (peft_type LORA, task_type CAUSAL_LM, ...) and
-`adapter_model.safetensors` with keys `base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_{A|B}.weight`,
-so `peft.PeftModel.from_pretrained` loads them over transformers' Phi-3, and adapters trained by PEFT load here.
+On disk: `adapter_config.json` (peft_type LORA, task_type CAUSAL_LM, ...) and `adapter_model.safetensors` with keys
+`base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_{A|B}.weight`, so `peft.PeftModel.from_pretrained`
+loads them over transformers' Phi-3, and adapters trained by PEFT load here.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from phi3fast._utils import atomic_write
 from phi3fast.errors import Phi3FastError
-from phi3fast.model import Phi3ForCausalLM
+from phi3fast.lora.adapter import TARGETS, LoraConfig, apply_lora
 
-TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+if TYPE_CHECKING:
+    from phi3fast.model.phi3 import Phi3ForCausalLM
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model.model."
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = TARGETS
-    use_rslora: bool = False  # PEFT's rank-stabilized scale alpha / sqrt(r), accepted when an adapter uses it
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise Phi3FastError(f"LoRA rank must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise Phi3FastError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        bad = [t for t in self.target_modules if t not in TARGETS]
-        if bad or not self.target_modules:
-            raise Phi3FastError(
-                f"LoRA target modules must be among {', '.join(TARGETS)}; got {list(self.target_modules)}"
-            )
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def apply_lora(model: Phi3ForCausalLM, cfg: LoraConfig) -> None:
-    """Freeze the model and add LoRA factors to every targeted projection."""
-    if model.lora_config is not None:
-        raise Phi3FastError("the model already has LoRA adapters")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, lin in model.linears().items():
-        if name.rsplit(".", 1)[-1] not in cfg.target_modules:
-            continue
-        a = torch.empty(cfg.r, lin.in_features, dtype=torch.float32, device=model.device)
-        nn.init.kaiming_uniform_(
-            a, a=math.sqrt(5)
-        )  # PEFT's default init of A; B = 0 so the delta starts at 0
-        lin.lora_A = nn.Parameter(a)
-        lin.lora_B = nn.Parameter(
-            torch.zeros(lin.out_features, cfg.r, dtype=torch.float32, device=model.device)
-        )
-        lin.lora_scale = cfg.scale
-        lin.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-    model.lora_config = cfg
-
-
-def lora_parameters(model: Phi3ForCausalLM) -> list[nn.Parameter]:
-    """The trainable parameters: every LoRA A and B, in module order."""
-    params = []
-    for lin in model.linears().values():
-        if lin.lora_A is not None:
-            params += [lin.lora_A, lin.lora_B]
-    return params
 
 
 def lora_state_dict(model: Phi3ForCausalLM) -> dict[str, Tensor]:
@@ -117,18 +59,6 @@ def load_lora_state_dict(model: Phi3ForCausalLM, sd: dict[str, Tensor], where: s
             p.copy_(t.to(p.dtype))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def peft_config_dict(cfg: LoraConfig, base_model: str) -> dict[str, Any]:
     return {
         "peft_type": "LORA",
@@ -162,10 +92,10 @@ def save_adapter(model: Phi3ForCausalLM, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = lora_state_dict(model)
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     base = getattr(model, "name_or_path", None) or str(model.model_dir or "")
     text = json.dumps(peft_config_dict(model.lora_config, base), indent=2) + "\n"
-    _atomic_write(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text))
     return out
 
 

@@ -15,17 +15,16 @@ generation_config). The embedding has `vocab` rows: rows past the tokenizer's si
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from phi3fast.errors import Phi3FastError
+from phi3fast._utils import atomic_dir
+from phi3fast.errors import ArgumentError
+from phi3fast.model.chat import PHI3_CHAT_TEMPLATE
 
-CORPUS = Path(__file__).parent / "assets" / "tiny_corpus.txt"
+CORPUS = Path(__file__).parents[1] / "assets" / "tiny_corpus.txt"
 BASE_SPECIALS = ["<unk>", "<s>", "</s>"]
 PHI3_ADDED = [
     "<|endoftext|>",
@@ -40,16 +39,6 @@ PHI3_ADDED = [
     "<|placeholder6|>",
     "<|user|>",
 ]
-# Phi-3(.5)-mini-instruct's chat template, in substance: each turn is <|role|>\n content <|end|>\n; a generation
-# prompt opens the assistant turn. Unknown roles are an error rather than silently dropped.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] in ['system', 'user', 'assistant'] %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 NF4_BLOCK = 64
 # The smallest vocabulary: 256 byte symbols + <unk> <s> </s> + Phi-3's 11 added tokens (then no merges at all).
 MIN_VOCAB = 256 + len(BASE_SPECIALS) + len(PHI3_ADDED)
@@ -74,7 +63,7 @@ def train_tokenizer(vocab: int):  # -> tokenizers.Tokenizer
     return tok
 
 
-def _write_tokenizer(tok, out: Path, max_len: int) -> dict[str, int]:  # noqa: ANN001
+def _write_tokenizer(tok, out: Path, max_len: int) -> dict[str, int]:
     tok.save(str(out / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in BASE_SPECIALS + PHI3_ADDED}
     tokenizer_config = {
@@ -119,22 +108,17 @@ def init_tiny(
         ("intermediate", intermediate),
     ):
         if value <= 0:
-            raise Phi3FastError(f"--{name} must be positive, got {value}")
+            raise ArgumentError(name, f"must be positive, got {value}")
     for name, value in (("hidden", hidden), ("intermediate", intermediate)):
         if value % NF4_BLOCK:  # every projection's sizes must tile into whole NF4 blocks
-            raise Phi3FastError(f"--{name} {value} must be a multiple of {NF4_BLOCK} (the NF4 block size)")
+            raise ArgumentError(name, f"{value} must be a multiple of {NF4_BLOCK} (the NF4 block size)")
     if hidden % heads or (hidden // heads) % 2:
-        raise Phi3FastError(f"--hidden {hidden} must split into --heads {heads} heads of even size (RoPE)")
+        raise ArgumentError("hidden", f"{hidden} must split into {heads} heads of even size (RoPE)")
     if vocab < MIN_VOCAB:
-        raise Phi3FastError(
-            f"--vocab {vocab} is too small: a byte-level BPE with Phi-3's tokens needs >= {MIN_VOCAB}"
+        raise ArgumentError(
+            "vocab", f"{vocab} is too small: a byte-level BPE with Phi-3's tokens needs >= {MIN_VOCAB}"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Phi3FastError(f"{out}: already exists and is not an empty directory")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         max_len = 4096
         ids = _write_tokenizer(train_tokenizer(vocab), tmp, max_len)
         eos, bos = ids["<|endoftext|>"], ids["<s>"]
@@ -174,13 +158,6 @@ def init_tiny(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         save_file(_random_weights(hidden, layers, heads, intermediate, vocab, seed), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})  # fmt: skip
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
