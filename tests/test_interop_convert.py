@@ -71,7 +71,7 @@ def test_convert_keeps_tokenizer_template_eos(tmp_path: Path) -> None:
 
 
 def test_convert_loads_in_phi3fast(tmp_path: Path) -> None:
-    from phi3fast.model.loading import load_model
+    from phi3fast.model.loading import load as load_model
 
     src = make_llama(tmp_path / "llama")
     out = convert(src, tmp_path / "phi3")

@@ -50,7 +50,9 @@ def _check_exportable(raw: dict, where: Path) -> None:
     partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     if partial != 1.0 or head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
-        raise Phi3FastError(f"{where}: GGUF export of partial rotary or a separate head_dim is not supported yet")
+        raise Phi3FastError(
+            f"{where}: GGUF export of partial rotary or a separate head_dim is not supported yet"
+        )
 
 
 def _tensors(root: Path, stack: ExitStack) -> Iterator[tuple[str, Tensor]]:
@@ -80,8 +82,8 @@ def export_gguf(
     ollama = Path(ollama_dir).expanduser() if ollama_dir is not None else None
     _check_args(out, qtype, ollama)
     require_gguf("writing a GGUF file")
-    from phi3fast.model.config import load_config
     from phi3fast.model.chat import load_tokenizer
+    from phi3fast.model.config import load_config
     from phi3fast.model.loading import resolve_model_dir
 
     root = resolve_model_dir(model_dir)
