@@ -119,7 +119,7 @@ bench: $(BENCH_STAMP) $(DEMO_MODEL)
 	$(PY) bench/train.py
 	@# The real model (the demo's converted SmolLM2-135M-Instruct) against transformers' Phi3ForCausalLM.
 	$(PY) bench/load_generate.py --model $(DEMO_MODEL)
-	$(PY) bench/train.py --section steps --real-model $(DEMO_MODEL) --batch 2 --seq-len 256 --steps 2 \
+	$(PY) bench/train.py --section steps --steps-model $(DEMO_MODEL) --batch 2 --seq-len 256 --steps 2 \
 		--phi3fast-dtypes fp32 --peer-dtypes fp32 --kernels torch
 
 # The AOT compile report for sm_80/sm_90 (no GPU needed; exits 1 on a compile error or a spill).

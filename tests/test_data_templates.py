@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+from phi3fast.kernels.cross_entropy import IGNORE_INDEX
 
 from phi3fast.errors import Phi3FastError
 from phi3fast.model.chat import PHI3_CHAT_TEMPLATE
 from phi3fast.model.tiny import train_tokenizer
-from phi3fast.training.data import IGNORE_INDEX, encode_example, parse_row
+from phi3fast.training.data import encode_example, parse_row
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from phi3fast.interop.chat_turns import chat_turns, end_of_turn
 from phi3fast.interop.ollama import go_template, modelfile
 from phi3fast.model.chat import PHI3_CHAT_TEMPLATE
+from phi3fast.model.chat_turns import chat_turns, end_of_turn
 from phi3fast.model.tiny import train_tokenizer
 
 CHATML = (

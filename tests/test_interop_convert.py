@@ -71,12 +71,12 @@ def test_convert_keeps_tokenizer_template_eos(tmp_path: Path) -> None:
 
 
 def test_convert_loads_in_phi3fast(tmp_path: Path) -> None:
-    from phi3fast.model.loading import load as load_model
+    from phi3fast.model import load
 
     src = make_llama(tmp_path / "llama")
     out = convert(src, tmp_path / "phi3")
     ids = _ids(512)
-    ours = load_model(out, quantize=None, dtype=torch.float32, device="cpu")
+    ours = load(out, quantize=None, dtype=torch.float32, device="cpu")
     torch.testing.assert_close(_logits(ours, ids), _logits(_hf(src), ids), rtol=1e-4, atol=1e-4)
 
 

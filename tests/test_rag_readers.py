@@ -11,7 +11,15 @@ import pytest
 
 from phi3fast.errors import Phi3FastError
 from phi3fast.rag.chunking import _windows, chunk_document, sections
-from phi3fast.rag.readers import Document, SkipFile, decode_text, html_to_text, iter_files, read_documents
+from phi3fast.rag.readers import (
+    Document,
+    SkipFile,
+    decode_text,
+    html_to_text,
+    iter_files,
+    plain_title,
+    read_documents,
+)
 from phi3fast.rag.stores.keywords import fts_query, identifiers
 
 
@@ -110,6 +118,36 @@ def test_sections_rst_levels_by_underline_order() -> None:
 
 def test_sections_plain_is_one_section() -> None:
     assert sections("# not markdown\ntext\n", "plain") == [("", 0, 20)]
+
+
+@pytest.mark.parametrize(
+    "text, title",
+    [
+        ("DRIVELINE DL-3 QUICK REFERENCE\nF07  Earth fault.\n", "DRIVELINE DL-3 QUICK REFERENCE"),
+        ("\n  Pump P-3 notes  \n\nText.", "Pump P-3 notes"),
+        ("The pump runs at 2900 rpm.\nMore text.\n", ""),  # a sentence, not a title
+        ("Only one line, no body", ""),
+        ("x" * 101 + "\nbody", ""),  # a paragraph
+    ],
+)
+def test_plain_title(text: str, title: str) -> None:
+    assert plain_title(text) == title
+
+
+def test_plain_text_title_heads_every_chunk(tmp_path: Path) -> None:
+    f = tmp_path / "dl3.txt"
+    f.write_text(
+        "DRIVELINE DL-3 QUICK REFERENCE\n\n"
+        + " ".join(f"word{i}" for i in range(300))
+        + "\nF07 Earth fault.\n"
+    )
+    (doc,) = read_documents(f, "dl3.txt")
+    chunks = chunk_document(doc, _word_offsets, lambda heading: 40, 8)
+    assert len(chunks) > 3 and all(c.heading == "DRIVELINE DL-3 QUICK REFERENCE" for c in chunks)
+    assert all(c.text == doc.text[c.start : c.end] for c in chunks)
+    md = tmp_path / "a.md"
+    md.write_text("First line\n\nbody text\n")
+    assert read_documents(md, "a.md")[0].title == ""  # markdown names its own sections
 
 
 def _word_offsets(texts: list[str]) -> list[list[tuple[int, int]]]:

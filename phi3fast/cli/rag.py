@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     help="sentence-transformers name or folder, or openai:MODEL (default: the bundled all-MiniLM-L6-v2, or "
     "the index's own).",
 )
-@click.option("--chunk-tokens", type=int, default=None, help="Max embedder tokens per chunk [default: 256].")
-@click.option("--overlap", type=int, default=None, help="Tokens shared by consecutive chunks [default: 32].")
+@click.option("--chunk-tokens", type=int, default=None, help="Max embedder tokens per chunk [default: 192].")
+@click.option("--overlap", type=int, default=None, help="Tokens shared by consecutive chunks [default: 24].")
 @click.option(
     "--store",
     default=None,

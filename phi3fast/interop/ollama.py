@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3fast.errors import Phi3FastError
-from phi3fast.interop.chat_turns import ChatTurns, chat_turns, end_of_turn
+from phi3fast.model.chat_turns import ChatTurns, chat_turns, end_of_turn
 
 
 def _literal(text: str) -> str:

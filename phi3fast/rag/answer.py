@@ -18,10 +18,13 @@ from phi3fast.rag.index import SearchResult
 if TYPE_CHECKING:  # torch and the model load only when an answer is asked for
     from phi3fast.model import Phi3ForCausalLM
 
+# The one sentence a reply gives when the passages lack the answer: fixed, so that `phi3fast eval` can count
+# abstentions and `phi3fast rag-data` can teach it.
+ABSTAIN_SENTENCE = "The passages do not contain the answer."
 SYSTEM_PROMPT = (
     "You are a careful technical assistant. Answer the question using only the numbered passages. "
     "Cite the passages you use by their numbers in square brackets, like [1] or [2][3]. "
-    "If the passages do not contain the answer, say that you do not know."
+    f"If the passages do not contain the answer, reply exactly: {ABSTAIN_SENTENCE}"
 )
 
 

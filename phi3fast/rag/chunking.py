@@ -1,7 +1,8 @@
 """Split a document into overlapping windows of the embedder's tokens, each carrying its heading path.
 
 Sections first: markdown ATX (`## Title`) and setext/rST underlined headings start a section, and the stack of
-open headings ("Manual > Troubleshooting > Fault codes") becomes the context of every chunk in it. Headings
+open headings ("Manual > Troubleshooting > Fault codes") becomes the context of every chunk in it (a plain-text
+file's title line, Document.title, heads the path). Headings
 inside fenced code blocks are code, not headings. Then each section body is cut into windows of at most the
 token budget, consecutive windows sharing `overlap` tokens; a window never ends or starts inside a word, so a
 part number like XR-7731 is never split across a boundary without also appearing whole in the overlap.
@@ -152,6 +153,8 @@ def chunk_document(
     for (heading, s0, _), offsets in zip(secs, token_offsets(bodies), strict=True):
         if not offsets:
             continue
+        if doc.title and not heading.startswith(doc.title):
+            heading = f"{doc.title} > {heading}" if heading else doc.title
         for i, j in _windows(offsets, budget(heading), overlap):
             start, end = s0 + offsets[i][0], s0 + offsets[j - 1][1]
             chunks.append(Chunk(doc.source, heading, start, end, doc.text[start:end]))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from phi3fast.errors import Phi3FastError
 
+_TITLE_MAX = 100  # characters: a longer first line is a paragraph, not a title
 SUPPORTED_SUFFIXES = (".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf", ".jsonl")
 
 
@@ -29,6 +30,7 @@ class Document:
     source: str  # the path relative to the root given (+ "#id" for a JSONL record), shown in results
     text: str
     markup: str  # "markdown" | "rst" | "plain": how headings are found
+    title: str = ""  # a plain-text file's title line: the context of every chunk (chunking.chunk_document)
 
 
 class SkipFile(Exception):
@@ -186,7 +188,20 @@ def read_documents(path: Path, source: str) -> list[Document]:
             raise SkipFile("HTML has no visible text")
         return [Document(source, text, "markdown")]
     markup = {".md": "markdown", ".markdown": "markdown", ".rst": "rst"}.get(suffix, "plain")
-    return [Document(source, text, markup)]
+    return [Document(source, text, markup, plain_title(text) if markup == "plain" else "")]
+
+
+def plain_title(text: str) -> str:
+    """The first line of a plain-text file when it reads as a title: short, not a sentence, with text after it.
+
+    Markdown, rST and HTML name their sections; a .txt manual only says what it is on its first line, and without
+    it a chunk from its middle ("F07 Earth fault...") cannot tell which of two similar manuals it belongs to.
+    """
+    first, _, rest = text.strip().partition("\n")
+    first = first.strip()
+    if not first or not rest.strip() or len(first) > _TITLE_MAX or first[-1] in ".,;:?!":
+        return ""
+    return first
 
 
 def iter_files(roots: list[Path]) -> Iterator[tuple[Path, str]]:

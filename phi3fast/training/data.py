@@ -180,8 +180,8 @@ _END_OF_TURN_CACHE: dict[tuple[int, str], str] = {}
 
 def end_of_turn_marker(tokenizer: Any) -> str:
     """What ends an assistant turn in this tokenizer's chat template (<|end|>, <|im_end|>, <|eot_id|>, ...),
-    found once per template by rendering sentinel conversations (phi3fast.interop.chat_turns)."""
-    from phi3fast.interop.chat_turns import chat_turns, end_of_turn
+    found once per template by rendering sentinel conversations (phi3fast.model.chat_turns)."""
+    from phi3fast.model.chat_turns import chat_turns, end_of_turn
 
     key = (id(tokenizer), str(getattr(tokenizer, "chat_template", None)))
     if key not in _END_OF_TURN_CACHE:
