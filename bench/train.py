@@ -291,6 +291,7 @@ def main() -> None:
         "--real-model", default="/work/coord/models/smollm2-phi3", help="cpu-real: Phi-3-layout dir"
     )
     ap.add_argument("--real-rounds", type=int, default=1, help="cpu-real: interleaved rounds (best of)")
+    ap.add_argument("--quantize-modes", default="nf4,none", help="steps: nf4 (QLoRA) and/or none (LoRA)")
     ap.add_argument(
         "--steps-model",
         default=None,
@@ -353,7 +354,7 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
     data = tmp / "rows.jsonl"
     make_data(model, data, a.batch * (a.steps + a.warmup), a.seq_len)
     a.model, a.data = str(model), str(data)
-    for q in ("nf4", "none"):
+    for q in a.quantize_modes.split(","):
         for d in a.phi3fast_dtypes.split(","):
             for k in backends:
                 rows.append(run_side(a, "phi3fast", q, d, k))

@@ -209,3 +209,15 @@ def test_cli_export_and_modelfile(tiny: Path, adapter: Path, tmp_path: Path) -> 
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_unsupported_rope_is_refused_up_front(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "partial_rotary_factor": 0.5}))
+    with pytest.raises(Phi3FastError, match="partial rotary"):
+        export_gguf(ckpt, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -41,6 +41,20 @@ def _check_args(out: Path, qtype: str, ollama_dir: Path | None) -> None:
         raise Phi3FastError(f"{ollama_dir}: exists and is not a directory (for the Modelfile)")
 
 
+def _check_exportable(raw: dict, where: Path) -> None:
+    """Phi-3 variants whose GGUF form needs metadata this writer does not produce yet are refused up front."""
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise Phi3FastError(f"{where}: GGUF export of RoPE scaling {rope.get('rope_type', rope.get('type'))!r} "
+                            f"(LongRoPE factors) is not supported yet")  # fmt: skip
+    partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    if partial != 1.0 or head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
+        raise Phi3FastError(
+            f"{where}: GGUF export of partial rotary or a separate head_dim is not supported yet"
+        )
+
+
 def _tensors(root: Path, stack: ExitStack) -> Iterator[tuple[str, Tensor]]:
     from safetensors import safe_open
 
@@ -79,6 +93,7 @@ def export_gguf(
         if not (adapter_dir / "adapter_config.json").is_file():
             raise Phi3FastError(f"{adapter_dir}: not a PEFT adapter (no adapter_config.json)")
     raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    _check_exportable(raw, root / "config.json")
     arch = raw.get(SOURCE_ARCH_KEY) or "phi3"
     meta = tokenizer_metadata(root, raw)
     tok = load_tokenizer(root)
