@@ -150,20 +150,34 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32064)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--parts", default="load,decode", help="comma-separated: load, decode")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a real Phi-3 checkpoint (e.g. `phi3fast convert`'s SmolLM2) instead of a random one",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
     from phi3fast.model.tiny import init_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = init_tiny(
-            Path(tmp) / "ckpt",
-            hidden=args.hidden,
-            layers=args.layers,
-            heads=args.heads,
-            intermediate=args.intermediate,
-            vocab=args.vocab,
-        )
+        if args.model:  # its own sizes replace the random model's
+            path = Path(args.model)
+            cfg = json.loads((path / "config.json").read_text())
+            args.hidden, args.layers, args.vocab = (
+                cfg["hidden_size"],
+                cfg["num_hidden_layers"],
+                cfg["vocab_size"],
+            )
+        else:
+            path = init_tiny(
+                Path(tmp) / "ckpt",
+                hidden=args.hidden,
+                layers=args.layers,
+                heads=args.heads,
+                intermediate=args.intermediate,
+                vocab=args.vocab,
+            )
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         print(
             f"checkpoint: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {size / 2**20:.0f} MB fp32"
@@ -172,8 +186,9 @@ def main() -> None:
             bench_decode(path, args.new_tokens) if "decode" in parts else []
         )
     for r in rows:
-        r.update(hidden=args.hidden, layers=args.layers, vocab=args.vocab, checkpoint_MB=size / 2**20)
-    write_rows("load_generate", rows)
+        r.update(hidden=args.hidden, layers=args.layers, vocab=args.vocab, checkpoint_MB=size / 2**20,
+                 model=Path(args.model).name if args.model else "random (init_tiny)")  # fmt: skip
+    write_rows("load_generate" + (f"_{Path(args.model).name}" if args.model else ""), rows)
     load_rows = [r for r in rows if r["bench"] == "load"]
     if load_rows:
         print_table(load_rows, ["loader", "peak_added_MB", "resident_MB", "load_s"])

@@ -284,7 +284,18 @@ def main() -> None:
     ap.add_argument(
         "--kernels", default="triton,torch", help="phi3fast fused-kernel backends to run (triton: CUDA)"
     )
-    ap.add_argument("--section", choices=["steps", "loss-rss", "all"], default="all")
+    ap.add_argument("--section", choices=["steps", "loss-rss", "cpu-real", "all"], default="all",
+                    help="cpu-real (not in 'all'): QLoRA on the real SmolLM2 model, phi3fast's native CPU kernels "
+                    "vs HF + PEFT + bitsandbytes")  # fmt: skip
+    ap.add_argument(
+        "--real-model", default="/work/coord/models/smollm2-phi3", help="cpu-real: Phi-3-layout dir"
+    )
+    ap.add_argument("--real-rounds", type=int, default=1, help="cpu-real: interleaved rounds (best of)")
+    ap.add_argument(
+        "--steps-model",
+        default=None,
+        help="steps: train this Phi-3 checkpoint (e.g. `phi3fast convert`'s SmolLM2) instead of a random one",
+    )
     ap.add_argument("--rss-hidden", type=int, default=3072, help="loss-rss: Phi-3-mini's hidden size")
     ap.add_argument("--rss-layers", type=int, default=1)
     ap.add_argument("--rss-heads", type=int, default=32)
@@ -313,6 +324,8 @@ def main() -> None:
             steps_section(a, Path(tmp))
         if a.section in ("loss-rss", "all"):
             loss_rss_section(a, Path(tmp))
+        if a.section == "cpu-real":
+            cpu_real_section(a, Path(tmp))
 
 
 def steps_section(a: argparse.Namespace, tmp: Path) -> None:
@@ -330,8 +343,13 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
             "phi3fast --kernels triton: needs CUDA; on this CPU only --kernels torch is timed",
             file=sys.stderr,
         )
-    model = init_tiny(tmp / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
-                      intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
+    if a.steps_model:  # a real checkpoint: its own sizes replace the random model's
+        model = Path(a.steps_model)
+        cfg = json.loads((model / "config.json").read_text())
+        a.vocab, a.hidden, a.layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    else:
+        model = init_tiny(tmp / "model", hidden=a.hidden, layers=a.layers, heads=a.heads,
+                          intermediate=a.intermediate, vocab=a.vocab)  # fmt: skip
     data = tmp / "rows.jsonl"
     make_data(model, data, a.batch * (a.steps + a.warmup), a.seq_len)
     a.model, a.data = str(model), str(data)
@@ -365,12 +383,18 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
             r["triton_vs_torch_tok_s"] = r["tokens_per_s"] / plain[0]["tokens_per_s"]
         r["peak_rss_MB"] = r["peak_rss_bytes"] / 2**20
     shape = dict(
-        vocab=a.vocab, hidden=a.hidden, layers=a.layers, batch=a.batch, seq_len=a.seq_len, rank=a.rank
+        vocab=a.vocab,
+        hidden=a.hidden,
+        layers=a.layers,
+        batch=a.batch,
+        seq_len=a.seq_len,
+        rank=a.rank,
+        model=Path(a.steps_model).name if a.steps_model else "random (init_tiny)",
     )
     for r in rows:
         r.update(shape)
     print(
-        f"LoRA training step: Phi-3 shape vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers; batch {a.batch} x "
+        f"LoRA training step: {shape['model']}, Phi-3 shape vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers; batch {a.batch} x "
         f"{a.seq_len} tokens; rank {a.rank} on {', '.join(TARGETS)}; threads {os.cpu_count()}"
     )
     print_table(
@@ -378,7 +402,46 @@ def steps_section(a: argparse.Namespace, tmp: Path) -> None:
         ["impl", "quantize", "dtype", "kernels", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_MB", "x_tok_s",
          "x_tok_cpu_s", "x_rss", "peer", "nf4_vs_none_tok_s", "triton_vs_torch_tok_s", "error"],
     )  # fmt: skip
-    print(f"wrote {write_rows('train', rows)}")
+    name = "train" + (f"_{Path(a.steps_model).name}" if a.steps_model else "")
+    print(f"wrote {write_rows(name, rows)}")
+
+
+def cpu_real_section(a: argparse.Namespace, tmp: Path) -> None:
+    """QLoRA on the real model (SmolLM2-135M-Instruct in Phi-3 layout) on CPU, fp32 compute: phi3fast (its NF4
+    ops on the native kernels: forward, LoRA fused, dX through the frozen base) against HF + PEFT + bitsandbytes,
+    --batch x --seq-len tokens (4 x 256 for the issue's figure), rank --rank on all four targets, each side in its
+    own process, the sides interleaved --real-rounds times (best tokens/s, lowest peak RSS)."""
+    data = tmp / "real_rows.jsonl"
+    make_data(Path(a.real_model), data, a.batch * (a.steps + a.warmup), a.seq_len)
+    a.model, a.data = a.real_model, str(data)
+    best: dict[str, dict] = {}
+    for _ in range(a.real_rounds):
+        for impl in ("phi3fast", "peft"):
+            r = run_side(a, impl, "nf4", "fp32", "torch" if impl == "phi3fast" else "")
+            if "error" in r:
+                best.setdefault(impl, r)
+                continue
+            old = best.get(impl)
+            if old is None or "error" in old:
+                best[impl] = r
+            else:
+                old["tokens_per_s"] = max(old["tokens_per_s"], r["tokens_per_s"])
+                old["peak_rss_bytes"] = min(old["peak_rss_bytes"], r["peak_rss_bytes"])
+    rows = [best[k] for k in ("phi3fast", "peft") if k in best]
+    ok = {r["impl"]: r for r in rows if "error" not in r}
+    for r in ok.values():
+        r["peak_rss_MB"] = r["peak_rss_bytes"] / 2**20
+        r.update(model=Path(a.real_model).name, batch=a.batch, seq_len=a.seq_len, rank=a.rank)
+    if len(ok) == 2:
+        ok["phi3fast"]["x_tok_s"] = ok["phi3fast"]["tokens_per_s"] / ok["peft"]["tokens_per_s"]
+        ok["phi3fast"]["x_rss"] = ok["phi3fast"]["peak_rss_bytes"] / ok["peft"]["peak_rss_bytes"]
+    print(
+        f"QLoRA on {Path(a.real_model).name}: {a.batch} x {a.seq_len} tokens, rank {a.rank} on {', '.join(TARGETS)}"
+    )
+    print_table(
+        rows, ["impl", "quantize", "dtype", "tokens_per_s", "peak_rss_MB", "x_tok_s", "x_rss", "error"]
+    )
+    print(f"wrote {write_rows('train_cpu_real', rows)}")
 
 
 if __name__ == "__main__":

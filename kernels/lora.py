@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import nf4
+from . import nf4, nf4_cpu
 from . import nf4_reference as reference
 from ._aot import AotSpec
 from .backend import INTERPRET, KernelInputError, resolve_backend
@@ -146,7 +146,7 @@ def dx_triton(g2: Tensor, w: NF4Tensors, lora: tuple[Tensor, Tensor, float] | No
 def dx_kernel(backend: str) -> Callable[[Tensor, NF4Tensors, tuple[Tensor, Tensor, float] | None], Tensor]:
     """dX = dY W (+ scale * u A) for a resolved backend. Both autograd Functions below take their input gradient
     from here, so a faster dX kernel for a device (a native CPU one) plugs in at this one place."""
-    return reference.lora_dx if backend == "torch" else dx_triton
+    return {"torch": reference.lora_dx, "native": nf4_cpu.dx}.get(backend, dx_triton)
 
 
 # ---- autograd ----------------------------------------------------------------------------------------------------
@@ -159,7 +159,10 @@ class FrozenNF4Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, backend):
         x2 = as_rows(x)
-        out = reference.matmul_rows(x2, w) if backend == "torch" else nf4.matmul_triton(x2, w)
+        if backend == "native":
+            out = nf4_cpu.linear(x2, w)
+        else:
+            out = reference.matmul_rows(x2, w) if backend == "torch" else nf4.matmul_triton(x2, w)
         ctx.w, ctx.backend, ctx.x_shape = w, backend, x.shape
         return out
 
@@ -179,7 +182,9 @@ class LoraLinearFunction(torch.autograd.Function):
         # fp32 adapters over bf16 activations: compute in bf16; contiguous because the kernels assume unit stride.
         a, b = lora_a.to(x.dtype).contiguous(), lora_b.to(x.dtype).contiguous()
         t = xl2 @ a.t()
-        if backend == "torch":
+        if backend == "native":
+            out = nf4_cpu.linear(x2, w, (t, b, scale))
+        elif backend == "torch":
             out = reference.base_plus_lora(x2, w, t, b, scale)
         else:
             out = nf4.matmul_triton(x2, w, (t, b, scale))
@@ -237,9 +242,15 @@ def lora_linear(
         return torch.nn.functional.linear(x, w.detach().to(x.dtype)) + scale * lora
     n, k = reference.check_weight(w)
     reference.check_lora(x, n, k, lora_a, lora_b, x_lora)
-    resolved = resolve_backend(backend, x.device, x.dtype)
+    resolved = _resolve_nf4(backend, x)
     out = LoraLinearFunction.apply(x, x_lora, lora_a, lora_b, w, float(scale), resolved)
     return out.view(*x.shape[:-1], n)
+
+
+def _resolve_nf4(backend: str, x: Tensor) -> str:
+    """The backend for an NF4 GEMM: 'auto' on CPU is the native kernels (LoRA term fused; docs/cpu-inference.md)."""
+    resolved = resolve_backend(backend, x.device, x.dtype)
+    return "native" if resolved == "torch" and backend == "auto" and nf4_cpu.supports(x) else resolved
 
 
 def nf4_linear(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
@@ -247,8 +258,10 @@ def nf4_linear(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
     without an adapter runs while layers below it train. Without autograd it is nf4_matmul."""
     n, k = reference.check_weight(w)
     reference.check_input(x, k)
-    resolved = resolve_backend(backend, x.device, x.dtype)
+    resolved = _resolve_nf4(backend, x)
     if not (torch.is_grad_enabled() and x.requires_grad):
+        if resolved == "native":
+            return nf4_cpu.linear(x, w)
         out = reference.nf4_matmul(x, w) if resolved == "torch" else nf4.matmul_triton(as_rows(x), w)
         return out.view(*x.shape[:-1], n)
     # [M, N] from the Function, viewed outside it: an ordinary autograd view that in-place ops may modify.

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import nf4_cpu
 from . import nf4_reference as reference
 from ._aot import AotSpec
 from .backend import GPU_DTYPES, INTERPRET, pointer_type, resolve_backend
@@ -380,6 +381,9 @@ def nf4_matmul(x: Tensor, w: NF4Tensors, backend: str = "auto") -> Tensor:
     n, k = reference.check_weight(w)
     reference.check_input(x, k)
     if resolve_backend(backend, x.device, x.dtype) == "torch":
+        # CPU: the native kernels (docs/cpu-inference.md); a differentiable frozen layer is lora.nf4_linear.
+        if backend == "auto" and nf4_cpu.supports(x) and not (x.requires_grad and torch.is_grad_enabled()):
+            return nf4_cpu.linear(x, w)
         return reference.nf4_matmul(x, w)
     return matmul_triton(as_rows(x), w).view(*x.shape[:-1], n)
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _rowwise
+from . import _rowwise, nf4_cpu
 from ._aot import AotSpec
 from .backend import KernelInputError
 
@@ -156,6 +156,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Te
     if not eps > 0:
         raise KernelInputError(f"eps={eps!r}: expected a positive number")
     if _rowwise.resolve(backend, x) == "torch":
+        if backend == "auto" and nf4_cpu.rowwise_ok(x, weight):  # CPU inference: one native pass
+            return nf4_cpu.rms_norm(x, weight, eps)
         return rms_norm_reference(x, weight, eps)
     return RMSNormFunction.apply(x, weight, float(eps))
 

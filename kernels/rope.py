@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _rowwise
+from . import _rowwise, nf4_cpu
 from ._aot import AotSpec
 from .backend import INTERPRET, KernelInputError
 
@@ -196,6 +196,13 @@ def rope_qkv_(
     `out.backward(grad)` by the caller is overwritten, so pass a copy if it is needed afterwards."""
     check_rope(qkv, cos, sin, n_heads, n_kv_heads)
     resolved = _rowwise.resolve(backend, qkv)
+    if (
+        resolved == "torch"
+        and backend == "auto"
+        and qkv.is_contiguous()
+        and nf4_cpu.rowwise_ok(qkv, cos, sin)
+    ):
+        return nf4_cpu.rope_qkv_(qkv, cos, sin, n_heads + n_kv_heads)  # CPU inference: in place, one pass
     if resolved == "triton" and (cos.stride(-1) != 1 or sin.stride(-1) != 1):
         cos, sin = cos.contiguous(), sin.contiguous()
     head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)

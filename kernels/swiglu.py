@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _rowwise
+from . import _rowwise, nf4_cpu
 from ._aot import AotSpec
 from .backend import INTERPRET, KernelInputError
 
@@ -119,6 +119,8 @@ def swiglu(gate_up: Tensor, backend: str = "auto") -> Tensor:
             f"gate_up of shape {tuple(gate_up.shape)}: the last dimension must be even ([gate | up], 2 * I)"
         )
     if _rowwise.resolve(backend, gate_up) == "torch":
+        if backend == "auto" and nf4_cpu.rowwise_ok(gate_up):  # CPU inference: one native pass
+            return nf4_cpu.swiglu(gate_up)
         return swiglu_reference(gate_up)
     return SwiGLUFunction.apply(gate_up)
 

@@ -12,14 +12,17 @@ re-encoded once at that point (transformers does the same).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from phi3fast.errors import Phi3FastError
+from phi3fast.kernels import nf4_cpu
+from phi3fast.kernels.backend import one_cpu_thread
 from phi3fast.model.chat import chat_prompt_ids, stop_ids
-from phi3fast.model.phi3 import Phi3ForCausalLM
+from phi3fast.model.phi3 import KVCache, Phi3ForCausalLM
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -84,7 +87,8 @@ def _decode(
 ) -> Iterator[int]:
     cfg = model.config
     cache = model.new_kv_cache(1, total)
-    logits = model(torch.tensor([ids], device=device), kv_cache=cache)[0, -1]
+    logits = _next_logits(model, torch.tensor([ids], device=device), cache)
+    step = torch.empty((1, 1), dtype=torch.long, device=device)  # the one input tensor of every decode step
     long_rope = cfg.rope_scaling is not None and len(ids) > cfg.original_max_position_embeddings
     while len(ids) < total:
         scores = logits.float().cpu()
@@ -99,9 +103,34 @@ def _decode(
         if cfg.rope_scaling is not None and not long_rope and len(ids) > cfg.original_max_position_embeddings:
             long_rope = True  # re-encode everything with the long factors (see the module note)
             cache = model.new_kv_cache(1, total)
-            logits = model(torch.tensor([ids], device=device), kv_cache=cache)[0, -1]
+            logits = _next_logits(model, torch.tensor([ids], device=device), cache)
         else:
-            logits = model(torch.tensor([[token]], device=device), kv_cache=cache)[0, -1]
+            step.fill_(token)
+            logits = _next_logits(model, step, cache)
+
+
+@contextmanager
+def _cpu_step_threads(device: torch.device) -> Iterator[None]:
+    """On CPU with the native kernels: torch's own ops on one thread, the native kernels on every thread torch
+    had. A decode step is ~300 tiny torch ops; as OpenMP regions each waits for every worker, and on a busy
+    machine for a descheduled one, while the native pool never waits for a worker that has not started
+    (docs/cpu-inference.md has the profile). Entered per model call, never across a yield."""
+    if device.type != "cpu" or not nf4_cpu.available():
+        yield
+        return
+    with nf4_cpu.pinned_threads(torch.get_num_threads()), one_cpu_thread(device):
+        yield
+
+
+def _next_logits(model: Phi3ForCausalLM, input_ids: Tensor, cache: KVCache) -> Tensor:
+    """Logits [V] of the last position only: lm_head runs on one row, not on every prompt position."""
+    with _cpu_step_threads(input_ids.device):
+        h = model.hidden_states(input_ids, kv_cache=cache)[0, -1:]
+        head = model.lm_head
+        if isinstance(head, torch.nn.Linear) and head.bias is None and nf4_cpu.supports(h):
+            if head.weight.device.type == "cpu" and head.weight.dtype == h.dtype:
+                return nf4_cpu.dense_linear(h, head.weight)[0]
+        return model.lm_head(h)[0]
 
 
 def detokenize(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:

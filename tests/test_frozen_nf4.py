@@ -133,3 +133,17 @@ def test_train_a_subset_and_peft_loads_it(tiny: Path, tmp_path: Path, targets: t
     assert (
         rel_err(a, base) > 10 * REL_TOL[torch.float32]
     )  # the adapter changes the output (the test can fail)
+
+
+def test_cli_train_with_one_target_module(tiny: Path, tmp_path: Path) -> None:
+    """The documented `--target-modules qkv_proj` on an NF4 base (it used to end in a traceback on CPU)."""
+    from click.testing import CliRunner
+
+    from phi3fast.cli import main
+
+    args = ["train", "--model", str(tiny), "--data", str(DATA), "--out", str(tmp_path / "o"), "--max-steps", "2",
+            "--batch-size", "1", "--seq-len", "16", "--rank", "2", "--dtype", "fp32", "--no-progress",
+            "--target-modules", "qkv_proj"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("done: 2 steps") and (tmp_path / "o" / "adapter_model.safetensors").is_file()

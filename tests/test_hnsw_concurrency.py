@@ -166,6 +166,40 @@ def test_bfindex_filter_against_concurrent_deletes() -> None:
     assert set(labels.ravel().tolist()) <= allowed_set - set(gone)
 
 
+def test_id_filter_against_concurrent_replace_deleted() -> None:
+    # An allow-list may still name deleted labels; add_items(replace_deleted=True) gives their slots new labels
+    # during a running query. The new labels are not allowed and must not come back.
+    n = 2000
+    x = points(n, seed=41)
+    ix = hnsw.Index("l2", DIM)
+    ix.init_index(n, ef_construction=40, allow_replace_deleted=True)
+    ix.add_items(x)
+    ix.set_ef(20)
+    gone = np.arange(0, 1000, 2)
+    for label in gone.tolist():
+        ix.mark_deleted(label)
+    allowed = np.arange(0, n, 2)  # names the deleted labels too
+    allowed_set = set(allowed.tolist())
+    fresh = points(len(gone), seed=42)
+    q = np.tile(fresh, (20, 1))  # each new vector is its own query's nearest neighbour
+    bad: list[int] = []
+    for round_ in range(5):
+        started = threading.Event()
+
+        def query(started: threading.Event = started) -> None:
+            started.set()
+            labels, _ = ix.knn_query(q, k=1, filter=allowed, num_threads=1)
+            bad.extend(set(labels.ravel().tolist()) - allowed_set)
+
+        t = threading.Thread(target=query)
+        t.start()
+        started.wait()
+        chunk = slice(100 * round_, 100 * (round_ + 1))
+        ix.add_items(fresh[chunk], 10_000 + np.arange(len(gone))[chunk], replace_deleted=True, num_threads=1)
+        t.join(timeout=120)
+    assert not bad, sorted(bad)[:10]
+
+
 def test_copy_while_a_filtered_query_runs_does_not_deadlock() -> None:
     # Index(index) snapshots the graph under the index's exclusive lock; a filtered query holds the shared lock
     # and needs the GIL for each Python filter call, so the copy must wait without holding the GIL.

@@ -164,8 +164,11 @@ def test_bad_backend(monkeypatch: pytest.MonkeyPatch) -> None:
         nf4_matmul(torch.randn(2, 128), w, backend="triton")
 
 
-def test_auto_on_cpu_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """backend='auto' on CPU runs the torch reference, never the (slow) interpreter."""
+def test_auto_on_cpu_is_native_or_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend='auto' on CPU runs the native kernels (the torch reference without them), never the (slow)
+    interpreter."""
+    from phi3fast.kernels import nf4_cpu
+
     w = quantize_nf4(torch.randn(64, 128))
     x = torch.randn(3, 128)
 
@@ -174,6 +177,10 @@ def test_auto_on_cpu_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(nf4, "matmul_triton", fail)
     monkeypatch.setattr(nf4, "dequantize_triton", fail)
+    if nf4_cpu.available():
+        assert torch.equal(nf4_matmul(x, w), nf4_cpu.linear(x, w))
+        assert_close(nf4_matmul(x, w), reference.nf4_matmul(x, w), torch.float32)
+    monkeypatch.setattr(nf4_cpu, "available", lambda: False)
     assert torch.equal(nf4_matmul(x, w), reference.nf4_matmul(x, w))
     assert torch.equal(nf4_dequantize(w), reference.dequantize(w, torch.bfloat16))
 

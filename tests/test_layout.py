@@ -147,7 +147,13 @@ def test_kernels_import_nothing_above_them() -> None:
     for name, path in modules.items():
         if not name.startswith("phi3fast.kernels"):
             continue
-        upward = [t for t, _ in imports(name, path, modules) if not t.startswith("phi3fast.kernels")]
+        # The compiled module (phi3fast._hnsw, no Python imports of its own) sits below kernels/: the native CPU
+        # kernels (kernels/nf4_cpu.py) call into it.
+        upward = [
+            t
+            for t, _ in imports(name, path, modules)
+            if not t.startswith("phi3fast.kernels") and t != "phi3fast._hnsw"
+        ]
         assert not upward, f"{path.relative_to(ROOT)} imports {upward} (kernels/ is the floor)"
 
 

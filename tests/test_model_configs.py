@@ -42,6 +42,7 @@ FEATURES = {
     "mha": dict(num_key_value_heads=4),
     "tied-embeddings": dict(tie_word_embeddings=True),
     "partial-rotary": dict(partial_rotary_factor=0.75),
+    "head-dim": dict(head_dim=48),  # heads wider than hidden_size / heads: q is 192 wide over a hidden of 128
     "sliding-window": dict(sliding_window=8),
     "longrope": dict(rope_scaling="longrope", **LONGROPE),
     "eos-list": dict(eos_token_id=[2, 5, 7]),
@@ -117,6 +118,7 @@ def test_the_features_are_really_there(checkpoints: dict[str, Path]) -> None:
     """Each setting changes the result (so the parity above could fail), and is read as configured."""
     cfg = {name: load(path, quantize=None).config for name, path in checkpoints.items()}
     assert cfg["partial-rotary"].rotary_dim == 24 and cfg["mha"].rotary_dim == 32
+    assert cfg["head-dim"].head_dim == 48 and cfg["head-dim"].rotary_dim == 48
     assert cfg["tied-embeddings"].tie_word_embeddings and cfg["sliding-window"].sliding_window == 8
     assert cfg["eos-list"].eos_token_id == (2, 5, 7) and cfg["longrope"].rope_scaling is not None
     ids = torch.randint(0, VOCAB, (1, 17))

@@ -52,14 +52,15 @@ inline size_t HnswIndex::search(const float* qv, size_t k, size_t ef, const Filt
   return found;
 }
 
-// Allowed set from labels (numpy id array) or from a boolean mask indexed by label.
+// Allowed set from labels (numpy id array) or from a boolean mask indexed by label. Deleted nodes are left out:
+// they are never returned, and add_items(replace_deleted=True) may give one a new label during the query.
 inline Filter HnswIndex::filter_from_labels(const uint64_t* ids, size_t n) const {
   std::shared_lock<std::shared_mutex> sl(struct_mu_);
   Filter f = Filter::bitset(max_elements_);
   std::lock_guard<std::mutex> g(label_mu_);
   for (size_t i = 0; i < n; ++i) {
     auto it = label_map_.find(ids[i]);
-    if (it != label_map_.end()) f.set(it->second);
+    if (it != label_map_.end() && !is_deleted(it->second)) f.set(it->second);
   }
   return f;
 }
@@ -69,7 +70,7 @@ inline Filter HnswIndex::filter_from_mask(const bool* mask, size_t len) const {
   Filter f = Filter::bitset(max_elements_);
   const size_t n = count();
   for (uint32_t id = 0; id < n; ++id) {
-    if (!is_ready(id)) continue;
+    if (!is_ready(id) || is_deleted(id)) continue;
     const uint64_t lab = get_label(id);
     if (lab < len && mask[lab]) f.set(id);
   }

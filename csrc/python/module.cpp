@@ -1,5 +1,6 @@
-// pybind11 bindings for phi3fast._hnsw. The distance functions are exposed directly so tests can check every
-// SIMD path against numpy; the HNSW index (index.cpp) builds on the same DistanceFunctions.
+// pybind11 bindings for phi3fast._hnsw: the error classes, the distance functions (exposed directly so tests can
+// check every SIMD path against numpy), then Index (index.cpp) and BFIndex (bfindex.cpp), which build on the
+// same DistanceFunctions.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -9,6 +10,7 @@
 
 #include "hnsw/distances.h"
 #include "python/bindings.h"
+#include "python/convert.h"
 
 namespace py = pybind11;
 using phi3fast::DistanceFunctions;
@@ -70,6 +72,44 @@ py::array_t<float> pairwise(const py::array& q_in, const py::array& x_in, const 
 
 }  // namespace
 
+// The error classes every binding raises through, and the names the index classes accept.
+void bind_errors(py::module_& m) {
+  namespace pf = phi3fast;
+  // Exception classes that are both what hnswlib raises (RuntimeError, ValueError, TypeError) and
+  // phi3fast's user error, so hnswlib code keeps working and the phi3fast CLI prints one clean line.
+  py::object base = py::module_::import("phi3fast.errors").attr("Phi3FastError");
+  auto make = [&](const char* name, PyObject* builtin) {
+    py::tuple bases = py::make_tuple(base, py::handle(builtin));
+    PyObject* t = PyErr_NewException((std::string("phi3fast.hnsw.") + name).c_str(), bases.ptr(), nullptr);
+    if (!t) throw py::error_already_set();
+    m.attr(name) = py::reinterpret_borrow<py::object>(t);
+    return t;
+  };
+  // The names space_from_name and storage_from_name accept, in their code order: Python reads them from here.
+  m.attr("SPACES") = py::make_tuple("l2", "ip", "cosine");
+  m.attr("STORAGES") = py::make_tuple("float32", "float16", "int8");
+
+  static PyObject* runtime_t = make("HnswError", PyExc_RuntimeError);
+  static PyObject* value_t = make("HnswValueError", PyExc_ValueError);
+  static PyObject* type_t = make("HnswTypeError", PyExc_TypeError);
+  static PyObject* overflow_t = make("HnswOverflowError", PyExc_OverflowError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const py::builtin_exception& e) {
+      e.set_error();
+    } catch (const pf::TypeErr& e) {
+      PyErr_SetString(type_t, e.what());
+    } catch (const pf::OverflowErr& e) {
+      PyErr_SetString(overflow_t, e.what());
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(value_t, e.what());
+    } catch (const std::runtime_error& e) {
+      PyErr_SetString(runtime_t, e.what());
+    }
+  });
+}
+
 PYBIND11_MODULE(_hnsw, m) {
   m.doc() = "phi3fast native core: SIMD distances and the HNSW index";
 
@@ -91,5 +131,8 @@ PYBIND11_MODULE(_hnsw, m) {
         py::arg("simd") = py::none(),
         "All-pairs squared L2 or inner product, [n, dim] x [m, dim] -> [n, m] float32 (GIL released).");
 
+  bind_errors(m);
   bind_index(m);
+  bind_bfindex(m);
+  bind_nf4(m);
 }

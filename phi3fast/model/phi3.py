@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from phi3fast.quant import NF4Weight
 
 
+# SDPA's enable_gqa (torch >= 2.5): the same result as repeating the kv heads, without copying the KV cache
+# every decode step.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 class Phi3Linear(nn.Module):
     """y = x W^T (+ scale * dropout(x) A^T B^T with LoRA). W is frozen: an NF4Weight or a dense Parameter.
 
@@ -206,10 +211,14 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        gqa = {}
         if self.n_kv != self.n_heads:  # GQA (Phi-3-medium): each kv head serves n_heads / n_kv query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            if x.device.type == "cpu" and _SDPA_GQA:
+                gqa["enable_gqa"] = True  # CPU SDPA reads the shared kv heads in place: no copy of the cache
+            else:
+                k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 

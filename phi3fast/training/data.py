@@ -2,7 +2,8 @@
 
 Row formats (one JSON object per line; blank lines are skipped):
 - {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}: chat, rendered with the
-  tokenizer's chat template; loss only on assistant turns, each ending with <|end|>, which is learned.
+  tokenizer's chat template; loss only on assistant turns and the marker that ends each (Phi-3's <|end|>,
+  ChatML's <|im_end|>, ...; found from the template), which is learned.
 - {"prompt": "...", "completion": "..."}: loss on the completion and the closing eos.
 - {"text": "..."}: loss on all of it and the closing eos.
 
@@ -174,14 +175,39 @@ def _shift(ids: list[int], trained: list[bool]) -> tuple[int, ...]:
     )
 
 
+_END_OF_TURN_CACHE: dict[tuple[int, str], str] = {}
+
+
+def end_of_turn_marker(tokenizer: Any) -> str:
+    """What ends an assistant turn in this tokenizer's chat template (<|end|>, <|im_end|>, <|eot_id|>, ...),
+    found once per template by rendering sentinel conversations (phi3fast.model.chat_turns)."""
+    from phi3fast.model.chat_turns import chat_turns, end_of_turn
+
+    key = (id(tokenizer), str(getattr(tokenizer, "chat_template", None)))
+    if key not in _END_OF_TURN_CACHE:
+        _END_OF_TURN_CACHE[key] = end_of_turn(tokenizer, chat_turns(tokenizer))
+    return _END_OF_TURN_CACHE[key]
+
+
 def _encode_chat(tokenizer: Any, ex: Example) -> tuple[list[int], list[bool]]:
-    """Render with the chat template and train on the characters of each assistant turn plus its <|end|>.
+    """Render with the chat template and train on the characters of each assistant turn plus its end-of-turn
+    marker (Phi-3's <|end|>, ChatML's <|im_end|>, Llama-3's <|eot_id|>: whatever the template closes it with).
 
     The assistant spans are found by rendering each prefix with the generation prompt: the template must render
     messages[:i] + generation prompt as a prefix of the full conversation, followed by the content and <|end|>.
     Tokenizing the full text once (with offsets) gives exactly the ids that inference would see.
     """
     msgs = [{"role": r, "content": c} for r, c in ex.messages]
+    # The template's own markers (ChatML's <|im_start|>, Llama-3's <|eot_id|>...) inside a message would be read
+    # as structure; RESERVED covers Phi-3's before the tokenizer is known.
+    for i, (_, content) in enumerate(ex.messages):
+        for special in getattr(tokenizer, "all_special_tokens", []):
+            if special and special in content:
+                raise Phi3FastError(f"{ex.where}: messages[{i}].content contains the special token {special}")
+    try:
+        marker = end_of_turn_marker(tokenizer)
+    except Phi3FastError as e:
+        raise Phi3FastError(f"{ex.where}: {e}") from None
     try:
         full = tokenizer.apply_chat_template(msgs, tokenize=False)
     except Exception as e:  # a template error is about this row's shape (e.g. role order)
@@ -201,16 +227,12 @@ def _encode_chat(tokenizer: Any, ex: Example) -> tuple[list[int], list[bool]]:
             )
         start = len(prefix)
         end = start + len(content)
-        if (
-            not full.startswith(prefix)
-            or full[start:end] != content
-            or not full[end:].startswith(END_OF_TURN)
-        ):
+        if not full.startswith(prefix) or full[start:end] != content or not full[end:].startswith(marker):
             raise Phi3FastError(
-                f"{ex.where}: the tokenizer's chat template does not render assistant turns as "
-                f"'<prefix>content{END_OF_TURN}' (not a Phi-3 template?)"
+                f"{ex.where}: the tokenizer's chat template does not render this assistant turn as "
+                f"'<prefix>content{marker}'"
             )
-        spans.append((start, end + len(END_OF_TURN)))
+        spans.append((start, end + len(marker)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     trained = [any(a < s_end and b > s_start for s_start, s_end in spans) for a, b in enc["offset_mapping"]]

@@ -1,0 +1,1 @@
+"""Models in and out of phi3fast: Llama-family and GGUF checkpoints in (`convert`), GGUF and Ollama out (`export`)."""
