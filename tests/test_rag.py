@@ -18,7 +18,7 @@ from rag_helpers import CHUNK_TOKENS, DATA, OVERLAP, QUESTIONS, edit_small_corpu
 from test_rag_readers import make_pdf
 
 from phi3fast.cli import main
-from phi3fast.errors import Phi3FastError
+from phi3fast.errors import ArgumentError, Phi3FastError
 from phi3fast.rag import Index
 from phi3fast.rag.embedders import Embedder, shared_embedder
 from phi3fast.rag.readers import read_documents
@@ -250,8 +250,27 @@ def test_build_errors(tmp_path: Path, emb: Embedder) -> None:
         Index.build([src], src, embedder=emb, progress=False)
     with pytest.raises(Phi3FastError, match="exceeds the 256-token window"):
         Index.build([src], tmp_path / "a", embedder=emb, chunk_tokens=512, progress=False)
-    with pytest.raises(Phi3FastError, match="--overlap"):
+    with pytest.raises(ArgumentError, match=r"^overlap must be in \[0, chunk_tokens/2\)"):
         Index.build([src], tmp_path / "b", embedder=emb, chunk_tokens=64, overlap=40, progress=False)
+    with pytest.raises(ArgumentError, match="^chunk_tokens must be >= 16"):
+        Index.build([src], tmp_path / "c", embedder=emb, chunk_tokens=8, progress=False)
+    with pytest.raises(ArgumentError, match="^store nowhere: expected 'builtin'"):
+        Index.build([src], tmp_path / "d", embedder=emb, store="nowhere", progress=False)
+
+
+def test_cli_says_flags_for_library_arguments(tmp_path: Path) -> None:
+    """The library names its arguments (chunk_tokens); the CLI says the flag (--chunk-tokens), on one line."""
+    src = _tiny_corpus(tmp_path / "docs")
+    cases = [
+        (["--chunk-tokens", "8"], "error: --chunk-tokens must be >= 16, got 8"),
+        (["--chunk-tokens", "64", "--overlap", "40"], "error: --overlap must be in [0, chunk_tokens/2)"),
+        (["--store", "nowhere"], "error: --store nowhere: expected 'builtin' or 'milvus:URI'"),
+    ]
+    for i, (args, said) in enumerate(cases):
+        result = CliRunner().invoke(main, ["index", str(src), "--out", str(tmp_path / f"i{i}"), *args])
+        assert result.exit_code == 2 and result.stderr.startswith(said), result.stderr
+    result = CliRunner().invoke(main, ["index", str(src), "--out", str(src)])
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: --out {src}: not an index directory")
 
 
 def _corruptions() -> list[tuple[str, object, str]]:

@@ -373,7 +373,7 @@ def test_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     result = CliRunner().invoke(main, ["index", "docs", "--out", "idx", "--store", "builtin"])
     assert result.exit_code == 2 and "cannot move to the built-in store" in result.stderr
-    assert "build into a new --out directory" in result.stderr
+    assert "build into a new index directory" in result.stderr
     result = CliRunner().invoke(main, ["index", "docs", "--out", "idx", "--store", "milvus:./other.db"])
     assert result.exit_code == 2 and "cannot move to milvus:" in result.stderr
 

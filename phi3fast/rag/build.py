@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from phi3fast.errors import Phi3FastError
+from phi3fast.errors import ArgumentError, Phi3FastError
 from phi3fast.rag.chunking import chunk_document
 from phi3fast.rag.embedders import DEFAULT_EMBEDDER, Embedder, canonical_name, shared_embedder
 from phi3fast.rag.manifest import FORMAT, MANIFEST, VERSION, read_manifest, write_manifest
@@ -119,7 +119,7 @@ def _same_embedder(a: dict, b: dict) -> bool:
 
 def _check_out_dir(out: Path, wanted: dict | None) -> None:
     if out.exists() and not out.is_dir():
-        raise Phi3FastError(f"--out {out}: exists and is not a directory")
+        raise ArgumentError("out", f"{out}: exists and is not a directory")
     if not out.is_dir():
         return
     allowed = {MANIFEST, ".lock", MANIFEST + ".tmp"}
@@ -131,7 +131,7 @@ def _check_out_dir(out: Path, wanted: dict | None) -> None:
     foreign = [p.name for p in out.iterdir() if p.name not in allowed and str(p.resolve()) not in lite]
     foreign = [n for n in foreign if not n.startswith("gen-")]
     if foreign:
-        raise Phi3FastError(f"--out {out}: not an index directory (it holds {foreign[0]!r}); pick a new one")
+        raise ArgumentError("out", f"{out}: not an index directory (it holds {foreign[0]!r}); pick a new one")
 
 
 def build_index(
@@ -163,9 +163,10 @@ def build_index(
             except Phi3FastError as e:
                 warn(f"{e}; rebuilding the index from scratch")
         if prev is not None and wanted is not None and not same_store(prev["store"], wanted):
-            raise Phi3FastError(
-                f"--out {out}: this index lives in {store_label(prev['store'])}; it cannot move to "
-                f"{store_label(wanted)}: build into a new --out directory"
+            raise ArgumentError(
+                "store",
+                f"{store}: the index {out} lives in {store_label(prev['store'])}; it cannot move to "
+                f"{store_label(wanted)}: build into a new index directory",
             )
         store_cfg = prev["store"] if prev is not None else (wanted or {"kind": "builtin"})
         if isinstance(embedder, Embedder):
@@ -178,10 +179,10 @@ def build_index(
             chunk_tokens = prev["chunk_tokens"] if prev else DEFAULT_CHUNK_TOKENS
         overlap = overlap if overlap is not None else (prev["overlap"] if prev else DEFAULT_OVERLAP)
         if chunk_tokens < 16:
-            raise Phi3FastError(f"--chunk-tokens must be >= 16, got {chunk_tokens}")
+            raise ArgumentError("chunk_tokens", f"must be >= 16, got {chunk_tokens}")
         if not 0 <= overlap < chunk_tokens // 2:
-            raise Phi3FastError(
-                f"--overlap must be in [0, chunk_tokens/2) = [0, {chunk_tokens // 2}), got {overlap}"
+            raise ArgumentError(
+                "overlap", f"must be in [0, chunk_tokens/2) = [0, {chunk_tokens // 2}), got {overlap}"
             )
         if isinstance(embedder, Embedder):
             emb = embedder
@@ -192,9 +193,9 @@ def build_index(
         if chunk_tokens > emb.max_seq_length:
             # Longer chunks would be silently cut by the model: refuse instead. (Up to the window itself is
             # fine: each chunk's budget also leaves room for the special tokens and its heading.)
-            raise Phi3FastError(
-                f"--chunk-tokens {chunk_tokens} exceeds the {emb.max_seq_length}-token window of embedder "
-                f"'{emb.name}'"
+            raise ArgumentError(
+                "chunk_tokens",
+                f"{chunk_tokens} exceeds the {emb.max_seq_length}-token window of embedder '{emb.name}'",
             )
         if reranker is None and prev is not None:
             reranker_cfg = prev.get("reranker")

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from phi3fast.errors import Phi3FastError
+from phi3fast._utils import fsync
+from phi3fast.errors import ArgumentError, Phi3FastError
 from phi3fast.rag.build import BuildStats, build_index, warn_stderr
 from phi3fast.rag.embedders import Embedder, canonical_name, shared_embedder
 from phi3fast.rag.manifest import MANIFEST, read_manifest
@@ -83,9 +84,9 @@ def check_export_target(out: str | Path) -> Path:
     build too, so a long indexing run is not followed by a failed export."""
     out = Path(out)
     if out.is_dir():
-        raise Phi3FastError(f"--export-parquet {out}: is a directory; give a file name")
+        raise ArgumentError("export_parquet", f"{out}: is a directory; give a file name")
     if not out.parent.is_dir():
-        raise Phi3FastError(f"--export-parquet {out}: no such directory {out.parent}")
+        raise ArgumentError("export_parquet", f"{out}: no such directory {out.parent}")
     return out
 
 
@@ -256,7 +257,7 @@ class Index:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise Phi3FastError("--export-parquet needs pyarrow: pip install 'phi3fast[milvus]'") from None
+            raise ArgumentError("export_parquet", "needs pyarrow: pip install 'phi3fast[milvus]'") from None
         out = check_export_target(out)
         types = {"id": pa.int64(), "vector": pa.list_(pa.float32()), "start": pa.int64(), "end": pa.int64()}
         schema = pa.schema([(c, types.get(c, pa.string())) for c in EXPORT_COLUMNS])
@@ -267,11 +268,7 @@ class Index:
                 for cols in self.store.view().export_batches(EXPORT_BATCH):
                     w.write_table(pa.table(cols, schema=schema))
                     n += len(cols["id"])
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync(tmp)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)

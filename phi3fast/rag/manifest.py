@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from phi3fast._utils import fsync
 from phi3fast.errors import Phi3FastError
 
 FORMAT = "phi3fast-rag-index"
@@ -42,15 +43,6 @@ def read_manifest(out: Path) -> dict:
     except (KeyError, TypeError, ValueError, AttributeError):
         raise Phi3FastError(f"{path}: corrupt index manifest (missing fields)") from None
     return m
-
-
-def fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from phi3fast.errors import Phi3FastError
+from phi3fast.errors import ArgumentError, Phi3FastError
 from phi3fast.rag.embedders.base import OPENAI_PREFIX, Embedder, bundled_model_path, token_spans
 
 if TYPE_CHECKING:
@@ -79,15 +79,15 @@ class OpenAISpec:
         assert spec.startswith(OPENAI_PREFIX)
         model, _, query = spec[len(OPENAI_PREFIX) :].partition("?")
         if not model.strip() or model != model.strip():
-            raise Phi3FastError(f"--embedder {spec}: give a model name, e.g. openai:text-embedding-3-small")
+            raise ArgumentError("embedder", f"{spec}: give a model name, e.g. openai:text-embedding-3-small")
         dimensions = None
         for opt in filter(None, query.split("&")):
             key, _, value = opt.partition("=")
             if key != "dimensions":
-                raise Phi3FastError(f"--embedder {spec}: unknown option '{key}' (only dimensions=N)")
+                raise ArgumentError("embedder", f"{spec}: unknown option '{key}' (only dimensions=N)")
             if not value.isdigit() or int(value) < 1:
-                raise Phi3FastError(
-                    f"--embedder {spec}: dimensions must be a positive integer, got '{value}'"
+                raise ArgumentError(
+                    "embedder", f"{spec}: dimensions must be a positive integer, got '{value}'"
                 )
             dimensions = int(value)
         return cls(model, dimensions)

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from phi3fast.errors import Phi3FastError
+from phi3fast.errors import ArgumentError, Phi3FastError
 from phi3fast.rag.manifest import MANIFEST
 from phi3fast.rag.stores.base import Store, StoreWriter
 from phi3fast.rag.stores.builtin import BuiltinStore, BuiltinWriter
@@ -23,22 +23,24 @@ def parse_store(spec: str) -> dict:
         return {"kind": "builtin"}
     kind, sep, uri = spec.partition(":")
     if kind != "milvus" or not sep:
-        raise Phi3FastError(f"--store {spec}: expected 'builtin' or 'milvus:URI'")
+        raise ArgumentError("store", f"{spec}: expected 'builtin' or 'milvus:URI'")
     if not uri:
-        raise Phi3FastError(f"--store {spec}: no URI after 'milvus:' (http://host:19530 or ./rag.db)")
+        raise ArgumentError("store", f"{spec}: no URI after 'milvus:' (http://host:19530 or ./rag.db)")
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
         if not re.match(r"^https?://[^/:\s]+(:\d+)?/?$", uri):
-            raise Phi3FastError(
-                f"--store {spec}: a Milvus server URI is http://host:port or https://host:port"
+            raise ArgumentError(
+                "store", f"{spec}: a Milvus server URI is http://host:port or https://host:port"
             )
         return {"kind": "milvus", "uri": uri.rstrip("/")}
     path = Path(uri).expanduser().resolve()
     if path.suffix != ".db":
-        raise Phi3FastError(f"--store {spec}: a Milvus Lite file name must end in .db (e.g. milvus:./rag.db)")
+        raise ArgumentError(
+            "store", f"{spec}: a Milvus Lite file name must end in .db (e.g. milvus:./rag.db)"
+        )
     if not path.parent.is_dir():
-        raise Phi3FastError(f"--store {spec}: no such directory {path.parent}")
+        raise ArgumentError("store", f"{spec}: no such directory {path.parent}")
     if path.exists() and not path.is_dir():  # Milvus Lite keeps its data in a folder named NAME.db
-        raise Phi3FastError(f"--store {spec}: {path} exists and is not a Milvus Lite database")
+        raise ArgumentError("store", f"{spec}: {path} exists and is not a Milvus Lite database")
     return {"kind": "milvus", "uri": str(path)}
 
 

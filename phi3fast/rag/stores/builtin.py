@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from phi3fast._utils import fsync
 from phi3fast.errors import Phi3FastError
 from phi3fast.rag.chunking import Chunk
-from phi3fast.rag.manifest import MANIFEST, fsync, read_manifest
+from phi3fast.rag.manifest import MANIFEST, read_manifest
 from phi3fast.rag.stores.base import ChunkRow, Plan, old_versions
 from phi3fast.rag.stores.sqlite import ChunkDB, connect
 from phi3fast.rag.stores.vectors import VectorStore

@@ -8,6 +8,15 @@ the same way, so "XR-7731" becomes the *phrase* xr 7731 (adjacent tokens in that
 part number that also matches "XR 7731", and that an FTS5 syntax error cannot come from (quotes, parentheses,
 AND/NEAR/* in a question are just text). Words are OR-ed and BM25 ranks by how rare the matched ones are, so
 a rare fault code dominates the common words around it.
+
+Note: one code, several spellings
+---------------------------------
+Model codes are written with and without their separator: the CP-200 pump is "CP-200" in its manual's text,
+"cp200" in its file name (pump_cp200.md) and in part numbers (CP200-SEAL), and a user may type "CP200" or
+"CP 200". FTS5 tokenizes these differently (cp 200 versus cp200), so a phrase match on the spelling the user
+typed misses the others. An identifier that mixes letters and digits is therefore matched in its spellings
+(identifier_forms): as written, joined (cp200) and split where letters meet digits (cp 200). This is a
+query-time rewrite only: every index, old or new, in either store, matches the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +49,32 @@ def identifiers(question: str) -> list[str]:
         if any(c.isdigit() for c in w) and any(c.isalpha() or c in "-./:" for c in w) and w not in out:
             out.append(w)
     return out
+
+
+def identifier_forms(word: str) -> list[str]:
+    """The spellings an identifier is matched in: as written, joined and split at letter/digit boundaries.
+
+    "CP-200" -> ["CP-200", "CP200"]; "CP200" -> ["CP200", "CP 200"]. Only for words with both letters and
+    digits: a version or a number ("4.2.1") joined would be a different number.
+    """
+    forms = [word]
+    if any(c.isalpha() for c in word) and any(c.isdigit() for c in word):
+        joined = "".join(c for c in word if c.isalnum())
+        split = " ".join(re.findall(r"[^\W\d_]+|\d+", word))
+        forms += [f for f in (joined, split) if f.lower() not in {x.lower() for x in forms}]
+    # Spellings that FTS5 tokenizes alike (CP-200 and CP 200 are both the phrase cp 200) are kept once.
+    seen, out = set(), []
+    for f in forms:
+        key = " ".join(_tokens_of(f))
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+def _tokens_of(text: str) -> list[str]:
+    """FTS5's split of a word into tokens, for comparing spellings (unicode61: runs of letters and digits)."""
+    return [t.lower() for t in re.findall(r"[^\W_]+", text)]
 
 
 def fts_tokens(texts: list[str]) -> list[list[str]]:
@@ -88,4 +123,5 @@ def identifier_queries(question: str) -> list[str]:
     ids = identifiers(question)
     if not ids:
         return []
-    return [" AND ".join(map(quote, ids)), " OR ".join(map(quote, ids))]
+    each = ["(" + " OR ".join(map(quote, identifier_forms(w))) + ")" for w in ids]
+    return [" AND ".join(each), " OR ".join(each)]

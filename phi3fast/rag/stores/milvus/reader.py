@@ -10,7 +10,7 @@ import numpy as np
 from phi3fast.errors import Phi3FastError
 from phi3fast.rag.manifest import MANIFEST
 from phi3fast.rag.stores.base import EXPORT_COLUMNS, ChunkRow
-from phi3fast.rag.stores.keywords import fts_tokens, identifiers, query_terms
+from phi3fast.rag.stores.keywords import fts_tokens, identifier_forms, identifiers, query_terms
 from phi3fast.rag.stores.milvus.client import connect, one_line, read_state, vector_dim, visible
 from phi3fast.rag.stores.vectors import EF_SEARCH
 
@@ -114,12 +114,17 @@ class MilvusView:
         return self._search([" ".join(tokens)], "sparse", k, {"metric_type": "BM25"}, extra)
 
     def identifier(self, question: str, k: int) -> list[tuple[int, float]]:
-        # Each identifier as its token phrase ("XR-7755" -> " xr 7755 "): the FTS5 phrase match of the built-in
-        # store, as a LIKE over the space-separated tokens. Tokens are alphanumeric: no quote or wildcard in them.
-        phrases = [" ".join(toks) for toks in fts_tokens(identifiers(question)) if toks]
+        # Each identifier in its spellings (keywords.py, "one code, several spellings"), each spelling as its
+        # token phrase ("XR-7755" -> " xr 7755 "): the FTS5 phrase match of the built-in store, as a LIKE over the
+        # space-separated tokens. Tokens are alphanumeric: no quote or wildcard in them.
+        has, phrases = [], []
+        for word in identifiers(question):
+            forms = [" ".join(toks) for toks in fts_tokens(identifier_forms(word)) if toks]
+            if forms:
+                has.append("(" + " or ".join(f'keywords like "% {p} %"' for p in forms) + ")")
+                phrases += forms
         if not phrases:
             return []
-        has = [f'keywords like "% {p} %"' for p in phrases]
         query = " ".join(phrases)
         return self.keyword(query, k, " and ".join(has)) or self.keyword(query, k, " or ".join(has))
 
