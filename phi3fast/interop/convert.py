@@ -9,14 +9,13 @@ Tensors stream one at a time (a shard in memory at most); the directory is writt
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
+from phi3fast._utils import atomic_dir, check_new_dir
 from phi3fast.errors import Phi3FastError
 from phi3fast.interop.llama import check_llama_config, phi3_config, phi3_tensors
 
@@ -37,11 +36,6 @@ KEPT_FILES = (
 )
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Phi3FastError(f"{out}: already exists and is not an empty directory")
-
-
 def convert(src: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
     """Convert `src` (checkpoint dir, Hub id or .gguf file) into a Phi-3 checkpoint at out_dir; returns out_dir.
 
@@ -49,25 +43,16 @@ def convert(src: str | Path, out_dir: str | Path, dtype: str | None = None) -> P
     if dtype is not None and dtype not in DTYPES:
         raise Phi3FastError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
-    _check_out(out)
+    check_new_dir(out)
     src_path = Path(src).expanduser()
     is_gguf = src_path.suffix.lower() == ".gguf" or (src_path.is_file() and _gguf_magic(src_path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if is_gguf:
             _from_gguf(src_path, tmp, dtype)
         else:
             _from_transformers(src, tmp, dtype)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
         for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            f.chmod(0o644)  # files copied from a read-only cache keep their mode otherwise
     return out
 
 

@@ -140,23 +140,28 @@ def read_adapter_config(adapter_dir: Path) -> LoraConfig:
         raise Phi3FastError(f"{path}: bad LoRA config ({type(e).__name__}: {e})") from None
 
 
-def load_adapter(model: Phi3ForCausalLM, adapter_dir: str | Path) -> None:
-    """Apply the adapter's LoRA config to `model` and load its weights (PEFT format)."""
+def read_adapter_weights(adapter_dir: str | Path) -> tuple[Path, dict[str, Tensor]]:
+    """The adapter's weights file and its tensors, keys without PEFT's adapter name (PEFT may keep it in keys
+    saved by hand: "...lora_A.default.weight")."""
     from safetensors.torch import load_file
 
-    adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir)
-    weights = adapter_dir / ADAPTER_WEIGHTS
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise Phi3FastError(f"{weights}: missing (the adapter's weights)")
     try:
         sd = load_file(str(weights))
     except Exception as e:
         raise Phi3FastError(f"{weights}: not a valid safetensors file ({e})") from None
-    # PEFT may keep the adapter name in keys saved by hand ("...lora_A.default.weight"); normalize it.
-    sd = {
+    return weights, {
         k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
         for k, v in sd.items()
     }
+
+
+def load_adapter(model: Phi3ForCausalLM, adapter_dir: str | Path) -> None:
+    """Apply the adapter's LoRA config to `model` and load its weights (PEFT format)."""
+    adapter_dir = Path(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    weights, sd = read_adapter_weights(adapter_dir)
     apply_lora(model, cfg)
     load_lora_state_dict(model, sd, str(weights))

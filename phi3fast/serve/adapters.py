@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from phi3fast.errors import Phi3FastError
-from phi3fast.lora import ADAPTER_WEIGHTS, read_adapter_config
+from phi3fast.lora.peft_io import read_adapter_config, read_adapter_weights
 
 if TYPE_CHECKING:
     from phi3fast.model import Phi3ForCausalLM, Phi3Linear
@@ -40,21 +40,12 @@ class Adapter:
 
 def read_adapter(model: Phi3ForCausalLM, name: str, adapter_dir: str | Path) -> Adapter:
     """Load a PEFT LoRA adapter for `model`'s projections; every tensor must match a module's shape."""
-    from safetensors.torch import load_file
-
     path = Path(adapter_dir)
     cfg = read_adapter_config(path)
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise Phi3FastError(f"{weights}: missing (the adapter's weights)")
-    try:
-        sd = load_file(str(weights))
-    except Exception as e:
-        raise Phi3FastError(f"{weights}: not a valid safetensors file ({e})") from None
+    weights, sd = read_adapter_weights(path)
     linears = model.linears()
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in sd.items():
-        key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         if not key.startswith(_PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise Phi3FastError(f"{weights}: unexpected tensor {key!r} (not a LoRA A/B of the model)")
         module, ab = key[len(_PEFT_PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
