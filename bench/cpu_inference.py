@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_rows  # noqa: E402
+from common import REAL_GGUF, REAL_MODEL, print_table, write_rows  # noqa: E402
 
-MODEL_DIR = "/work/coord/models/smollm2-phi3"
-GGUF = "/work/coord/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR = str(REAL_MODEL)  # `make demo` makes both
+GGUF = str(REAL_GGUF)
 ENGINES = ("phi3fast nf4", "phi3fast fp32", "transformers fp32", "transformers+bnb nf4", "llama.cpp q4_1")
 CHAT = [{"role": "user", "content": "Give me three tips for keeping a vegetable garden healthy in summer."}]
 FILLER = (

@@ -13,11 +13,11 @@
 # (default: rag and ft+rag, then all four).
 #
 # Usage: bench/eval_real.sh [MODEL_DIR]   (default: SmolLM2-135M-Instruct converted to Phi-3 layout by
-#        `phi3fast convert`, at /work/coord/models/smollm2-phi3). WORK=/path keeps the index and adapter elsewhere.
+#        `phi3fast convert`, as `make demo` caches it in ~/.cache/phi3fast). WORK=/path keeps the index and adapter elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL=${1:-/work/coord/models/smollm2-phi3}
+MODEL=${1:-${DEMO_CACHE:-$HOME/.cache/phi3fast}/smollm2-135m-instruct-phi3}
 WORK=${WORK:-/tmp/phi3fast-eval-real}
 RESULTS=bench/results/eval_real
 DATA=bench/data/plant

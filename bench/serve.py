@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_table, write_rows  # noqa: E402
+from common import REAL_MODEL, print_table, write_rows  # noqa: E402
 
-DEFAULT_MODEL = "/work/coord/models/smollm2-phi3"
+DEFAULT_MODEL = str(REAL_MODEL)  # `make demo` makes it
 TOPICS = ["lighthouses", "volcanoes", "bees", "glaciers", "trains", "coral reefs", "bridges", "comets",
           "forests", "deserts", "rivers", "castles", "owls", "tides", "windmills", "caves"]  # fmt: skip
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_rows  # noqa: E402
+from common import REAL_MODEL, print_table, write_rows  # noqa: E402
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -288,7 +288,7 @@ def main() -> None:
                     help="cpu-real (not in 'all'): QLoRA on the real SmolLM2 model, phi3fast's native CPU kernels "
                     "vs HF + PEFT + bitsandbytes")  # fmt: skip
     ap.add_argument(
-        "--real-model", default="/work/coord/models/smollm2-phi3", help="cpu-real: Phi-3-layout dir"
+        "--real-model", default=str(REAL_MODEL), help="cpu-real: Phi-3-layout dir (`make demo` makes it)"
     )
     ap.add_argument("--real-rounds", type=int, default=1, help="cpu-real: interleaved rounds (best of)")
     ap.add_argument("--quantize-modes", default="nf4,none", help="steps: nf4 (QLoRA) and/or none (LoRA)")
