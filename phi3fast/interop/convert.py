@@ -71,18 +71,12 @@ def _write(config: dict, tensors, tmp: Path) -> None:  # noqa: ANN001
 def _from_transformers(src: str | Path, tmp: Path, dtype: str | None) -> None:
     from safetensors import safe_open
 
+    from phi3fast.model.config import read_config_json
     from phi3fast.model.loading import resolve_model_dir, weight_files
 
     root = resolve_model_dir(src)
     cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise Phi3FastError(f"{cfg_path}: missing (a transformers checkpoint needs config.json)")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Phi3FastError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise Phi3FastError(f"{cfg_path}: expected a JSON object")
+    raw = read_config_json(cfg_path, "a transformers checkpoint")
     if raw.get("model_type") == "phi3":
         raise Phi3FastError(f"{root}: already a Phi-3 checkpoint; use it as it is")
     check_llama_config(raw, str(cfg_path))

@@ -285,15 +285,20 @@ def config_from_dict(raw: dict[str, Any], where: str = "config.json") -> Phi3Con
     )
 
 
-def load_config(path: str | Path) -> Phi3Config:
-    """Read and validate a config.json; errors name the file."""
+def read_config_json(path: str | Path, checkpoint: str = "a Phi-3 checkpoint") -> dict[str, Any]:
+    """A checkpoint's config.json as a dict; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise Phi3FastError(f"{path}: missing (a Phi-3 checkpoint needs config.json)")
+        raise Phi3FastError(f"{path}: missing ({checkpoint} needs config.json)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Phi3FastError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise Phi3FastError(f"{path}: expected a JSON object")
-    return config_from_dict(raw, str(path))
+    return raw
+
+
+def load_config(path: str | Path) -> Phi3Config:
+    """Read and validate a config.json; errors name the file."""
+    return config_from_dict(read_config_json(path), str(path))
