@@ -19,34 +19,16 @@ import torch
 from phi3fast.kernels import nf4_cpu
 from phi3fast.kernels.backend import one_cpu_thread
 
-_OUTER: list[int] = []  # torch's thread count outside each glue_threads block
-
 
 @contextmanager
 def glue_threads(device: torch.device) -> Iterator[None]:
     """Inside: torch ops on one intra-op thread, the native NF4 kernels on the thread count torch had (CPU with
-    the native module only; elsewhere a no-op)."""
+    the native module only; elsewhere a no-op). `all_threads` gives torch that count back for a block."""
     if device.type != "cpu" or not nf4_cpu.available():
         yield
         return
-    threads = torch.get_num_threads()
-    _OUTER.append(threads)
-    try:
-        with nf4_cpu.pinned_threads(threads), one_cpu_thread(device):
-            yield
-    finally:
-        _OUTER.pop()
+    with nf4_cpu.pinned_threads(torch.get_num_threads()), one_cpu_thread(device):
+        yield
 
 
-@contextmanager
-def all_threads() -> Iterator[None]:
-    """Inside a glue_threads block: torch's ops on the thread count torch had outside it (else a no-op)."""
-    if not _OUTER or torch.get_num_threads() == _OUTER[-1]:
-        yield
-        return
-    inner = torch.get_num_threads()
-    torch.set_num_threads(_OUTER[-1])
-    try:
-        yield
-    finally:
-        torch.set_num_threads(inner)
+all_threads = nf4_cpu.full_threads
