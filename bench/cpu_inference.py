@@ -13,6 +13,9 @@ Columns:
   (end to end: the prompt's prefill is inside the time);
 - prefill tok/s: a `--prefill-tokens` prompt up to the first new token;
 - load s: building the model from the files; peak RSS MB: the process's VmHWM at the end;
+- phi3fast nf4 bf16: the NF4 engine with the bf16 compute option of the large-M GEMMs (PHI3FAST_NF4_COMPUTE=bf16:
+  AVX512-BF16 products, fp32 sums; prefill changes, decode's GEMV stays fp32). transformers+bnb runs as users run
+  it: on this AVX512-BF16 CPU bitsandbytes switches Linear4bit to its bf16 kernel in eval under no_grad;
 - phi3fast NF4 only: the NF4 linears of every layer at M = 1, 4, 16 rows (batched decode's GEMMs), as tokens/s
   through all layers' projections (M / time of one pass).
 JSON: bench/results/cpu_inference.json.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +36,14 @@ from common import REAL_GGUF, REAL_MODEL, print_table, write_rows  # noqa: E402
 
 MODEL_DIR = str(REAL_MODEL)  # `make demo` makes both
 GGUF = str(REAL_GGUF)
-ENGINES = ("phi3fast nf4", "phi3fast fp32", "transformers fp32", "transformers+bnb nf4", "llama.cpp q4_1")
+ENGINES = (
+    "phi3fast nf4",
+    "phi3fast nf4 bf16",
+    "phi3fast fp32",
+    "transformers fp32",
+    "transformers+bnb nf4",
+    "llama.cpp q4_1",
+)
 CHAT = [{"role": "user", "content": "Give me three tips for keeping a vegetable garden healthy in summer."}]
 FILLER = (
     "Retrieval-augmented generation answers a question from passages found in a document index. The passages are "
@@ -139,7 +150,9 @@ def worker(args) -> dict:
     spec = json.loads(Path(args.ids_file).read_text())
     t0 = time.perf_counter()
     if args.worker.startswith("phi3fast"):
-        model, decode = _phi3fast(args, "nf4" if args.worker.endswith("nf4") else None)
+        if args.worker.endswith("bf16"):
+            os.environ["PHI3FAST_NF4_COMPUTE"] = "bf16"
+        model, decode = _phi3fast(args, "nf4" if "nf4" in args.worker else None)
     elif args.worker.startswith("transformers"):
         model, decode = _transformers(args, bnb="bnb" in args.worker)
     else:
@@ -226,13 +239,17 @@ def main() -> None:
                 merge_best(best[engine], row)
     ids_file.unlink()
     rows = [best[e] for e in engines if best[e]]
-    ours = best.get("phi3fast nf4", {})
+    ours, ours_bf16 = best.get("phi3fast nf4", {}), best.get("phi3fast nf4 bf16", {})
     for row in rows:
         for metric in ("decode tok/s", "prefill tok/s"):
             if metric in ours and metric in row:
                 row[f"nf4 / this ({metric.split()[0]})"] = ours[metric] / row[metric]
+        if "prefill tok/s" in ours_bf16 and "prefill tok/s" in row:
+            row["nf4 bf16 / this (prefill)"] = ours_bf16["prefill tok/s"] / row["prefill tok/s"]
     columns = ["engine", "decode tok/s", "prefill tok/s", "load s", "peak RSS MB", "nf4 / this (decode)"]
-    columns += ["nf4 / this (prefill)"] + [f"kernels M={m} tok/s" for m in KERNEL_MS]
+    columns += ["nf4 / this (prefill)", "nf4 bf16 / this (prefill)"] + [
+        f"kernels M={m} tok/s" for m in KERNEL_MS
+    ]
     print_table(rows, columns)
     for row in rows:
         print(f"{row['engine']}: first tokens {row.get('first tokens')}")
