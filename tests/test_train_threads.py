@@ -76,3 +76,35 @@ def test_trainer_step_runs_under_the_policy(tmp_path, monkeypatch, two_threads) 
     train(cfg)
     assert seen == {"ce": 2, "norm": 1}
     assert torch.get_num_threads() == 2
+
+
+def test_long_prompt_attention_and_dense_gemms_get_every_thread(tmp_path, monkeypatch, two_threads) -> None:
+    """generate pins torch's small ops to one thread; a long prompt's attention and dense projections get both
+    threads back (nf4_cpu.full_threads), a short prompt's do not."""
+    import torch.nn.functional as F
+
+    from phi3fast.generate import generate_tokens
+    from phi3fast.model import load, phi3
+    from phi3fast.model.tiny import init_tiny
+
+    seen: dict[str, list[int]] = {"sdpa": [], "linear": []}
+    real_sdpa, real_linear = F.scaled_dot_product_attention, F.linear
+
+    def sdpa(*args, **kw):
+        seen["sdpa"].append(torch.get_num_threads())
+        return real_sdpa(*args, **kw)
+
+    def linear(*args, **kw):
+        seen["linear"].append(torch.get_num_threads())
+        return real_linear(*args, **kw)
+
+    monkeypatch.setattr(phi3.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(phi3.F, "linear", linear)
+    path = init_tiny(tmp_path / "m", hidden=64, layers=1, heads=4, intermediate=128, vocab=512)
+    model = load(path, quantize=None)
+    list(generate_tokens(model, list(range(3, 133)), max_new_tokens=1))  # a 130-token prompt
+    assert seen["sdpa"] == [2] and set(seen["linear"]) == {2}
+    seen["sdpa"].clear()
+    seen["linear"].clear()
+    list(generate_tokens(model, [3, 4, 5], max_new_tokens=1))
+    assert seen["sdpa"] == [1] and set(seen["linear"]) == {1}

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 # query x key positions from which CPU attention runs on every thread (a 128-token prompt and up)
 _SDPA_BIG = 128 * 128
+_DENSE_BIG_ROWS = 64  # rows from which a dense CPU projection does too
 
 
 class Phi3Linear(nn.Module):
@@ -98,7 +99,10 @@ class Phi3Linear(nn.Module):
             if self.nf4 is not None:
                 # Differentiable in x (the frozen weight gets no gradient): a layer below may be training.
                 return nf4_linear(x, self.nf4, self.kernel_backend)
-            return F.linear(x, self.weight)
+            # A dense prompt-sized GEMM gets every thread back inside the one-thread loops (see Attention).
+            big = x.device.type == "cpu" and x.numel() >= _DENSE_BIG_ROWS * self.in_features
+            with nf4_cpu.full_threads() if big else nullcontext():
+                return F.linear(x, self.weight)
         # LoRA factors are kept in fp32 (master weights); the cast is differentiable, so grads land in fp32.
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # x_lora=None lets the kernel reuse x (no dropout copy) whenever dropout is off or in eval mode.
