@@ -15,6 +15,9 @@ Columns:
 - load s: building the model from the files; peak RSS MB: the process's VmHWM at the end;
 - phi3fast nf4 bf16-head: the same with the lm_head stored in bf16 (phi3fast.model.lm_head.store_lm_head), an
   opt-in that rounds the head's weights once; its first tokens are printed next to the fp32 head's;
+- phi3fast nf4 bf16: the NF4 engine with the bf16 compute option of the large-M GEMMs (PHI3FAST_NF4_COMPUTE=bf16:
+  AVX512-BF16 products, fp32 sums; prefill changes, decode's GEMV stays fp32). transformers+bnb runs as users run
+  it: on this AVX512-BF16 CPU bitsandbytes switches Linear4bit to its bf16 kernel in eval under no_grad;
 - phi3fast NF4 only: the NF4 linears of every layer at M = 1, 4, 16 rows (batched decode's GEMMs), as tokens/s
   through all layers' projections (M / time of one pass);
 - phi3fast rows: "batch M tok/s", the native decode step with M sequences at once (the server's batched step,
@@ -42,12 +45,17 @@ GGUF = str(REAL_GGUF)
 ENGINES = (
     "phi3fast nf4",
     "phi3fast nf4 bf16-head",
+    "phi3fast nf4 bf16",
     "phi3fast fp32",
     "transformers fp32",
     "transformers+bnb nf4",
     "llama.cpp q4_1",
 )
-OURS = ("phi3fast nf4", "phi3fast nf4 bf16-head")  # the rows every engine is compared with
+OURS = (
+    "phi3fast nf4",
+    "phi3fast nf4 bf16-head",
+    "phi3fast nf4 bf16",
+)  # the rows every engine is compared with
 CHAT = [{"role": "user", "content": "Give me three tips for keeping a vegetable garden healthy in summer."}]
 FILLER = (
     "Retrieval-augmented generation answers a question from passages found in a document index. The passages are "
@@ -186,6 +194,8 @@ def worker(args) -> dict:
     spec = json.loads(Path(args.ids_file).read_text())
     t0 = time.perf_counter()
     if args.worker.startswith("phi3fast"):
+        if args.worker.endswith(" bf16"):
+            os.environ["PHI3FAST_NF4_COMPUTE"] = "bf16"
         head = "bfloat16" if args.worker.endswith("bf16-head") else "float32"
         model, decode = _phi3fast(args, "nf4" if "nf4" in args.worker else None, head)
     elif args.worker.startswith("transformers"):
