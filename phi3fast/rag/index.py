@@ -58,9 +58,7 @@ class SearchResult:
     rank: int
     source: str
     heading: str
-    score: (
-        float  # hybrid: fused score, 0 to 1.1 (reranked: the cross-encoder's); dense: cosine; keyword: BM25
-    )
+    score: float  # hybrid: fused, 0 to 1.5 (reranked: the cross-encoder's); dense: cosine; keyword: BM25
     text: str
     start: int
     end: int
