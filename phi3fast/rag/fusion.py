@@ -14,9 +14,9 @@ Reciprocal rank fusion (rrf_fuse, kept for callers who fuse lists from elsewhere
 hits of a list are: a keyword list whose first chunk holds every rare word of the question and whose second
 holds one common word gives them 1/61 and 1/62. A normalised score keeps that gap, and keeps the dense list's
 near-ties as near-ties. On the tuning questions of docs/indexing.md ("Retrieval quality: what was tried") RRF
-ranked the right document first for 0.907 of them, this fusion for 0.938 (192/24 chunks, the same lists); score fusion
-with equal weights also beat RRF in the comparison of Bruch, Gai and Ingber (2023, "An analysis of fusion
-functions for hybrid retrieval"), in and out of the domain it was set on.
+ranked the right document first for 0.907 of them, this fusion for 0.938 (192/24 chunks, the same lists). A
+weighted sum of normalised scores also beat RRF in the comparison of Bruch, Gai and Ingber (2023, "An analysis
+of fusion functions for hybrid retrieval"), in and out of the domain its weight was set on.
 
 Normalising to the hit at a fixed rank (not to the last hit fetched) makes the fused order of the top hits
 independent of how deep the lists were fetched: a search for k = 50, or one that feeds a reranker, ranks its
