@@ -75,7 +75,8 @@ void bind_decode(py::module_& m) {
                                                      r, scale});
            })
       .def_property_readonly("adapters", &Decoder::adapters)
-      .def("set_profiling", &Decoder::set_profiling, py::arg("on"), "Phase timers on/off (and reset).")
+      .def("set_profiling", &Decoder::set_profiling, py::arg("on"), py::arg("cpu_clock") = false,
+           "Phase timers on/off (and reset); cpu_clock: the calling thread's CPU time instead of wall time.")
       .def("profile", &Decoder::profile,
            "Seconds per phase since set_profiling: other (embed, norms, residuals), qkv, attention, o_proj, "
            "gate_up, swiglu, down, lm_head.")
