@@ -13,8 +13,9 @@ Columns:
   (end to end: the prompt's prefill is inside the time);
 - prefill tok/s: a `--prefill-tokens` prompt up to the first new token;
 - load s: building the model from the files; peak RSS MB: the process's VmHWM at the end;
-- phi3fast nf4 bf16-head: the same with the lm_head stored in bf16 (phi3fast.model.lm_head.store_lm_head), an
-  opt-in that rounds the head's weights once; its first tokens are printed next to the fp32 head's;
+- phi3fast nf4 bf16-head / int8-head: the same with the lm_head stored in bf16 or as int8 rows with fp32 scales
+  (phi3fast.model.lm_head.store_lm_head), opt-ins that round the head's weights once; their first tokens are
+  printed next to the fp32 head's;
 - phi3fast NF4 only: the NF4 linears of every layer at M = 1, 4, 16 rows (batched decode's GEMMs), as tokens/s
   through all layers' projections (M / time of one pass);
 - phi3fast rows: "batch M tok/s", the native decode step with M sequences at once (the server's batched step,
@@ -42,12 +43,17 @@ GGUF = str(REAL_GGUF)
 ENGINES = (
     "phi3fast nf4",
     "phi3fast nf4 bf16-head",
+    "phi3fast nf4 int8-head",
     "phi3fast fp32",
     "transformers fp32",
     "transformers+bnb nf4",
     "llama.cpp q4_1",
 )
-OURS = ("phi3fast nf4", "phi3fast nf4 bf16-head")  # the rows every engine is compared with
+OURS = (
+    "phi3fast nf4",
+    "phi3fast nf4 bf16-head",
+    "phi3fast nf4 int8-head",
+)  # the rows every engine is compared with
 CHAT = [{"role": "user", "content": "Give me three tips for keeping a vegetable garden healthy in summer."}]
 FILLER = (
     "Retrieval-augmented generation answers a question from passages found in a document index. The passages are "
@@ -186,7 +192,7 @@ def worker(args) -> dict:
     spec = json.loads(Path(args.ids_file).read_text())
     t0 = time.perf_counter()
     if args.worker.startswith("phi3fast"):
-        head = "bfloat16" if args.worker.endswith("bf16-head") else "float32"
+        head = {"bf16-head": "bfloat16", "int8-head": "int8"}.get(args.worker.split()[-1], "float32")
         model, decode = _phi3fast(args, "nf4" if "nf4" in args.worker else None, head)
     elif args.worker.startswith("transformers"):
         model, decode = _transformers(args, bnb="bnb" in args.worker)
@@ -284,7 +290,7 @@ def main() -> None:
     for name in OURS:
         ours = best.get(name, {})
         tag = name.removeprefix("phi3fast ")
-        for metric in ("decode tok/s", "prefill tok/s"):
+        for metric in ("decode tok/s", "prefill tok/s") if name == "phi3fast nf4" else ("decode tok/s",):
             col = f"{tag} / this ({metric.split()[0]})"
             if metric in ours:
                 ratio_columns.append(col)
