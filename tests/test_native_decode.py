@@ -103,6 +103,26 @@ def test_stored_lm_head_equals_the_torch_path_on_the_same_weights(ckpts: dict[st
         store_lm_head(model, "int3")
 
 
+def test_cli_lm_head_option(ckpts: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from phi3fast.cli import main
+    from phi3fast.generate import generate_text
+
+    path = str(ckpts["tied-embeddings"])
+    args = ["generate", "--model", path, "--max-new-tokens", "12", "--lm-head", "int8", "Hello there"]
+    got = CliRunner().invoke(main, args)
+    assert got.exit_code == 0, got.output
+    model = load(path, quantize="nf4")
+    store_lm_head(model, "int8")
+    assert (
+        got.output
+        == generate_text(model, [{"role": "user", "content": "Hello there"}], max_new_tokens=12) + "\n"
+    )
+    bad = CliRunner().invoke(main, [*args[:-3], "--lm-head", "int4", "Hi"])
+    assert bad.exit_code == 2 and "int4" in bad.output
+
+
 def test_partial_rotary_falls_back_to_the_torch_path(ckpts: dict[str, Path]) -> None:
     model = load(ckpts["partial-rotary"], quantize="nf4")
     assert "partial rotary" in native_decode.unsupported(model)
