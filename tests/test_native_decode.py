@@ -211,6 +211,8 @@ def test_bad_inputs(ckpts: dict[str, Path]) -> None:
         step(out=torch.empty((1, VOCAB - 1)))
     with pytest.raises(ValueError, match="not supported here|unknown SIMD"):
         dec.step(one, one, none, cache.k, cache.v, logits, simd="avx1024")
+    with pytest.raises(ValueError, match="no LoRA tensors"):
+        dec.add_adapter({})
     with pytest.raises(ValueError, match="names no projection"):
         dec.add_adapter({"layers.0.self_attn.nope": (torch.zeros(1, 4), torch.zeros(4, 1), 1.0)})
     model.to(torch.bfloat16)

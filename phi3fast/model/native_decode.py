@@ -128,6 +128,8 @@ class NativeDecoder:
             raise ValueError(
                 "the model carries LoRA factors of its own: per-row adapters would stack on them"
             )
+        if not weights:
+            raise ValueError("an adapter with no LoRA tensors")
         index = self._d.adapters
         linears = self.model.linears()
         for name, (a, b, scale) in weights.items():
