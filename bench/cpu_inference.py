@@ -13,8 +13,9 @@ Columns:
   (end to end: the prompt's prefill is inside the time);
 - prefill tok/s: a `--prefill-tokens` prompt up to the first new token;
 - load s: building the model from the files; peak RSS MB: the process's VmHWM at the end;
-- phi3fast nf4 bf16-head: the same with the lm_head stored in bf16 (phi3fast.model.lm_head.store_lm_head), an
-  opt-in that rounds the head's weights once; its first tokens are printed next to the fp32 head's;
+- phi3fast nf4 bf16-head / int8-head: the same with the lm_head stored in bf16 or as int8 rows with fp32 scales
+  (phi3fast.model.lm_head.store_lm_head), opt-ins that round the head's weights once; their first tokens are
+  printed next to the fp32 head's;
 - phi3fast nf4 bf16: the NF4 engine with the bf16 compute option of the large-M GEMMs (PHI3FAST_NF4_COMPUTE=bf16:
   AVX512-BF16 products, fp32 sums; prefill changes, decode's GEMV stays fp32). transformers+bnb runs as users run
   it: on this AVX512-BF16 CPU bitsandbytes switches Linear4bit to its bf16 kernel in eval under no_grad;
@@ -45,6 +46,7 @@ GGUF = str(REAL_GGUF)
 ENGINES = (
     "phi3fast nf4",
     "phi3fast nf4 bf16-head",
+    "phi3fast nf4 int8-head",
     "phi3fast nf4 bf16",
     "phi3fast fp32",
     "transformers fp32",
@@ -54,6 +56,7 @@ ENGINES = (
 OURS = (
     "phi3fast nf4",
     "phi3fast nf4 bf16-head",
+    "phi3fast nf4 int8-head",
     "phi3fast nf4 bf16",
 )  # the rows every engine is compared with
 CHAT = [{"role": "user", "content": "Give me three tips for keeping a vegetable garden healthy in summer."}]
@@ -196,7 +199,7 @@ def worker(args) -> dict:
     if args.worker.startswith("phi3fast"):
         if args.worker.endswith(" bf16"):
             os.environ["PHI3FAST_NF4_COMPUTE"] = "bf16"
-        head = "bfloat16" if args.worker.endswith("bf16-head") else "float32"
+        head = {"bf16-head": "bfloat16", "int8-head": "int8"}.get(args.worker.split()[-1], "float32")
         model, decode = _phi3fast(args, "nf4" if "nf4" in args.worker else None, head)
     elif args.worker.startswith("transformers"):
         model, decode = _transformers(args, bnb="bnb" in args.worker)
@@ -294,7 +297,7 @@ def main() -> None:
     for name in OURS:
         ours = best.get(name, {})
         tag = name.removeprefix("phi3fast ")
-        for metric in ("decode tok/s", "prefill tok/s"):
+        for metric in ("decode tok/s", "prefill tok/s") if name == "phi3fast nf4" else ("decode tok/s",):
             col = f"{tag} / this ({metric.split()[0]})"
             if metric in ours:
                 ratio_columns.append(col)

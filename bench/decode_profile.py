@@ -4,7 +4,8 @@
                                    [--steps 64] [--rows 1] [--threads 2]
 
 native: NativeDecoder's phase timers (csrc/nf4/decode_step.h) over `--steps` steps of `--rows` sequences after a
-30-token prompt. torch: the torch-module decode loop (phi3fast.generate with the native step turned off), with the
+30-token prompt; wall time, or with `--cpu-time` the thread's CPU time on one thread (what other processes on a
+shared machine do not inflate: the work itself, memory stalls included). torch: the torch-module decode loop (phi3fast.generate with the native step turned off), with the
 time inside the NF4 kernel calls (nf4_cpu.linear) and the lm_head GEMV (nf4_cpu.dense_linear) measured around
 them; the rest of its step is Python and torch ops. Prints milliseconds per step; JSON:
 bench/results/decode_profile.json.
@@ -24,7 +25,7 @@ PHASES = ("other", "qkv", "attention", "o_proj", "gate_up", "swiglu", "down", "l
 PROMPT = list(range(100, 130))
 
 
-def native_profile(model, steps: int, rows: int) -> dict:
+def native_profile(model, steps: int, rows: int, cpu_time: bool) -> dict:
     import torch
 
     from phi3fast.model.native_decode import NativeDecoder
@@ -38,13 +39,15 @@ def native_profile(model, steps: int, rows: int) -> dict:
     # Fill the first positions by native steps too (what is timed is a step at positions 30..30+steps).
     for p in range(len(PROMPT)):
         dec.step(tokens, torch.full((rows,), p, dtype=torch.int64), adapters, cache.k, cache.v, logits)
-    dec._d.set_profiling(True)
-    t0 = time.perf_counter()
+    dec._d.set_profiling(True, cpu_time)
+    clock = time.thread_time if cpu_time else time.perf_counter
+    t0 = clock()
     for p in range(len(PROMPT), len(PROMPT) + steps):
         dec.step(tokens, torch.full((rows,), p, dtype=torch.int64), adapters, cache.k, cache.v, logits)
         tokens = logits.argmax(-1)
-    total = time.perf_counter() - t0
-    row = {"path": "native step", "rows": rows, "ms/step": 1000 * total / steps}
+    total = clock() - t0
+    row = {"path": "native step" + (" (CPU time, 1 thread)" if cpu_time else ""), "rows": rows}
+    row["ms/step"] = 1000 * total / steps
     phases = dec._d.profile()
     row.update({f"{name} ms": 1000 * s / steps for name, s in zip(PHASES, phases, strict=True)})
     row["python+call ms"] = row["ms/step"] - sum(1000 * s / steps for s in phases)
@@ -100,11 +103,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default=str(REAL_MODEL))
     ap.add_argument("--quantize", default="nf4", choices=("nf4", "none"))
-    ap.add_argument("--lm-head", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--lm-head", default="float32", choices=("float32", "bfloat16", "int8"))
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rows", default="1", help="comma-separated batch sizes of the native step, e.g. 1,4,16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch-path profile")
+    ap.add_argument("--cpu-time", action="store_true", help="native phases in CPU time on one thread")
     args = ap.parse_args()
     import os
 
@@ -113,25 +117,34 @@ def main() -> None:
     from phi3fast.model import load
     from phi3fast.model.lm_head import store_lm_head
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.cpu_time else args.threads)
     model = load(
         args.model_dir, quantize=None if args.quantize == "none" else "nf4", device="cpu", dtype=None
     )
     store_lm_head(model, args.lm_head)
     rows = []
-    if not args.no_torch:
+    if not (args.no_torch or args.cpu_time):
         rows.append(torch_profile(model, args.steps))
     with torch.inference_mode():
         for m in (int(r) for r in args.rows.split(",")):
-            rows.append(native_profile(model, args.steps, m))
+            rows.append(native_profile(model, args.steps, m, args.cpu_time))
     columns = ["path", "rows", "ms/step", "tok/s", "NF4 linears ms", "lm_head ms", "python+torch ops ms"]
     columns += [f"{p} ms" for p in PHASES if p != "lm_head"] + ["python+call ms"]
     print(
         f"quantize={args.quantize} lm_head={args.lm_head} threads={args.threads} load={os.getloadavg()[0]:.1f}"
     )
     print_table(rows, columns)
-    params = {"quantize": args.quantize, "lm_head": args.lm_head, "threads": args.threads}
-    print(f"wrote {write_rows('decode_profile', [{**params, **r} for r in rows])}")
+    params = {
+        "quantize": args.quantize,
+        "lm_head": args.lm_head,
+        "threads": 1 if args.cpu_time else args.threads,
+    }
+    name = (
+        "decode_profile"
+        + ("_cpu" if args.cpu_time else "")
+        + ("" if args.lm_head == "float32" else "_" + args.lm_head)
+    )
+    print(f"wrote {write_rows(name, [{**params, **r} for r in rows])}")
 
 
 if __name__ == "__main__":

@@ -153,8 +153,9 @@ def _next_logits(model: Phi3ForCausalLM, input_ids: Tensor, cache: KVCache) -> T
     with _cpu_step_threads(input_ids.device):
         h = model.hidden_states(input_ids, kv_cache=cache)[0, -1:]
         head = model.lm_head
-        if isinstance(head, StoredLMHead) and nf4_cpu.supports(h) and head.weight.device.type == "cpu":
-            return nf4_cpu.dense_linear(h, head.weight)[0]
+        stored = isinstance(head, StoredLMHead) and h.dtype == torch.float32 and h.device.type == "cpu"
+        if stored and nf4_cpu.available() and hasattr(nf4_cpu._native, "head_linear"):
+            return native_decode.head_logits(head, h)[0]
         if isinstance(head, torch.nn.Linear) and head.bias is None and nf4_cpu.supports(h):
             if head.weight.device.type == "cpu" and head.weight.dtype == h.dtype:
                 return nf4_cpu.dense_linear(h, head.weight)[0]

@@ -83,14 +83,44 @@ def test_greedy_with_lora_equals_the_torch_path(ckpts: dict[str, Path], quantize
     _native_vs_torch(model, torch.randint(0, VOCAB, (9,)).tolist())
 
 
-def test_bf16_lm_head_equals_the_torch_path_on_the_same_weights(ckpts: dict[str, Path]) -> None:
+@pytest.mark.parametrize("store", ["bfloat16", "int8"])
+def test_stored_lm_head_equals_the_torch_path_on_the_same_weights(ckpts: dict[str, Path], store: str) -> None:
     model = load(ckpts["tied-embeddings"], quantize="nf4")
-    store_lm_head(model, "bfloat16")
-    assert isinstance(model.lm_head, StoredLMHead) and model.lm_head.weight.dtype == torch.bfloat16
+    fp32_head = model.lm_head.weight.detach().clone()
+    store_lm_head(model, store)
+    head = model.lm_head
+    assert isinstance(head, StoredLMHead) and head.store == store
     assert model.embed_tokens.weight.dtype == torch.float32  # the embedding keeps its own fp32 table
+    # The stored head is the fp32 head rounded once: within bf16's / int8's relative step of it.
+    err = (head.widened(torch.float32) - fp32_head).abs().max() / fp32_head.abs().max()
+    assert 0 < err <= (2**-8 if store == "bfloat16" else 1 / 254 + 1e-6)
+    h = torch.randn(3, head.in_features)
+    assert_close(native_decode.head_logits(head, h), head(h), torch.float32)  # native kernel vs torch forward
     _native_vs_torch(model, torch.randint(0, VOCAB, (10,)).tolist())
-    with pytest.raises(Phi3FastError, match="lm_head dtype 'int3'"):
+    with pytest.raises(Phi3FastError, match="already stored as"):
+        store_lm_head(model, "float32" if store == "int8" else "int8")
+    with pytest.raises(Phi3FastError, match="lm_head storage 'int3'"):
         store_lm_head(model, "int3")
+
+
+def test_cli_lm_head_option(ckpts: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from phi3fast.cli import main
+    from phi3fast.generate import generate_text
+
+    path = str(ckpts["tied-embeddings"])
+    args = ["generate", "--model", path, "--max-new-tokens", "12", "--lm-head", "int8", "Hello there"]
+    got = CliRunner().invoke(main, args)
+    assert got.exit_code == 0, got.output
+    model = load(path, quantize="nf4")
+    store_lm_head(model, "int8")
+    assert (
+        got.output
+        == generate_text(model, [{"role": "user", "content": "Hello there"}], max_new_tokens=12) + "\n"
+    )
+    bad = CliRunner().invoke(main, [*args[:-3], "--lm-head", "int4", "Hi"])
+    assert bad.exit_code == 2 and "int4" in bad.output
 
 
 def test_partial_rotary_falls_back_to_the_torch_path(ckpts: dict[str, Path]) -> None:
@@ -140,8 +170,12 @@ def test_batched_rows_equal_their_single_row_runs(ckpts: dict[str, Path]) -> Non
 
 
 @pytest.mark.parametrize("simd", supported_simd_levels())
-def test_every_simd_level_matches_the_torch_forward(ckpts: dict[str, Path], simd: str) -> None:
-    model = _with_lora(ckpts["sliding-window"], "nf4")
+@pytest.mark.parametrize(("quantize", "head"), [("nf4", "float32"), ("nf4", "int8"), (None, "bfloat16")])
+def test_every_simd_level_matches_the_torch_forward(
+    ckpts: dict[str, Path], simd: str, quantize: str | None, head: str
+) -> None:
+    model = _with_lora(ckpts["sliding-window"], quantize)
+    store_lm_head(model, head)
     seq = torch.randint(0, VOCAB, (19,)).tolist()
     native = _run(NativeDecoder(model, 32), model, [seq], [0], simd=simd)[0]
     with torch.inference_mode():
@@ -177,6 +211,8 @@ def test_bad_inputs(ckpts: dict[str, Path]) -> None:
         step(out=torch.empty((1, VOCAB - 1)))
     with pytest.raises(ValueError, match="not supported here|unknown SIMD"):
         dec.step(one, one, none, cache.k, cache.v, logits, simd="avx1024")
+    with pytest.raises(ValueError, match="no LoRA tensors"):
+        dec.add_adapter({})
     with pytest.raises(ValueError, match="names no projection"):
         dec.add_adapter({"layers.0.self_attn.nope": (torch.zeros(1, 4), torch.zeros(4, 1), 1.0)})
     model.to(torch.bfloat16)

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(not nf4_cpu.available(), reason="native module b
 LEVELS = list(_hnsw.supported_simd_levels())
 DTYPES = (torch.float32, torch.bfloat16)
 # (N, K, blocksize): K = 160 and 96 are not multiples of the AVX-512 step (32 weights) x 2, N = 96 / 160 leave a
-# partial 32-wide panel... within what the format allows (N and K multiples of the blocksize).
-WEIGHTS = [(96, 160, 32), (160, 96, 32), (192, 320, 64), (64, 128, 64)]
+# partial 32-wide panel... within what the format allows (N and K multiples of the blocksize). K = 320 and 384
+# exercise the AVX-512 strided GEMV (csrc/nf4/gemv.h): 128-element groups, a 64 tail, blocks of 64 and 128.
+WEIGHTS = [(96, 160, 32), (160, 96, 32), (192, 320, 64), (64, 128, 64), (128, 384, 128)]
 MS = (1, 3, 17, 130)
 
 

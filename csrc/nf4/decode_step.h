@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -24,6 +25,7 @@
 
 #include "common/simd.h"
 #include "nf4/dense.h"
+#include "nf4/int8_rows.h"
 #include "nf4/kernels.h"
 #include "nf4/rowwise.h"
 #include "nf4/thread_pool.h"
@@ -76,6 +78,36 @@ struct RopeTable {
   int64_t positions = 0;
 };
 
+// How the lm_head is stored: the model's fp32, or the opt-in bf16 or int8 rows with fp32 row scales
+// (phi3fast.model.lm_head).
+enum class HeadStore : int { F32 = 0, BF16 = 1, I8 = 2 };
+
+inline HeadStore head_store_from_name(const std::string& name) {
+  if (name == "float32") return HeadStore::F32;
+  if (name == "bfloat16") return HeadStore::BF16;
+  if (name == "int8") return HeadStore::I8;
+  throw std::invalid_argument("lm_head storage '" + name + "': expected float32, bfloat16 or int8");
+}
+
+// out [m, n] = x [m, k] W^T for a head W [n, k] stored as `store` (scale: int8's [n] row scales), on the pool.
+inline void head_linear(const void* w, HeadStore store, const float* scale, int64_t n, int64_t k, const float* x,
+                        int64_t m, float* out, SimdLevel s, int threads) {
+  const int t = threads <= 0 ? ThreadPool::max_threads() : threads;
+  const int64_t rows_per_task = std::max<int64_t>(16, ceil_div(n, static_cast<int64_t>(t) * 8));
+  const int64_t tasks = ceil_div(n, rows_per_task);
+  ThreadPool::instance().run(tasks, t, [&](int64_t task) {
+    const int64_t r0 = task * rows_per_task, r1 = std::min(n, r0 + rows_per_task);
+    for (int64_t m0 = 0; m0 < m; m0 += kDenseMaxRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kDenseMaxRows, m - m0));
+      if (store == HeadStore::I8)
+        int8_rows(s, mr, static_cast<const int8_t*>(w), scale, k, x + m0 * k, r0, r1, out + m0 * n, n);
+      else
+        dense_rows(s, mr, w, store == HeadStore::BF16 ? DType::BF16 : DType::F32, k, x + m0 * k, r0, r1,
+                   out + m0 * n, n);
+    }
+  });
+}
+
 constexpr int64_t kMaxRows = kSmallM;  // rows per pass over the weights; more rows run in chunks
 
 class Decoder {
@@ -121,12 +153,15 @@ class Decoder {
     layer_at(layer).proj[slot] = p;
   }
 
-  void set_globals(const float* embed, const float* final_norm, const void* head, DType head_dt) {
+  void set_globals(const float* embed, const float* final_norm, const void* head, HeadStore store,
+                   const float* head_scale) {
     if (!embed || !final_norm || !head) throw std::invalid_argument("decoder: null embedding/norm/lm_head");
+    if (store == HeadStore::I8 && !head_scale) throw std::invalid_argument("decoder: int8 lm_head needs scales");
     embed_ = embed;
     final_norm_ = final_norm;
     head_ = head;
-    head_dt_ = head_dt;
+    head_store_ = store;
+    head_scale_ = head_scale;
   }
 
   // Adapter `index` (0, 1, ...: rows name it in step) gets a LoRA term on one projection.
@@ -149,10 +184,12 @@ class Decoder {
 
   // Phase timers (seconds summed over steps since the last reset), off unless enabled: the profile of
   // docs/cpu-inference.md. Phases: embed+norms+residuals, qkv, attention (RoPE, cache append), o_proj, gate_up,
-  // SwiGLU, down, lm_head (with the final norm).
+  // SwiGLU, down, lm_head (with the final norm). `cpu_clock`: the calling thread's CPU time instead of wall time,
+  // which other processes on a shared machine do not inflate (meaningful with threads = 1).
   static constexpr int kPhases = 8;
-  void set_profiling(bool on) {
+  void set_profiling(bool on, bool cpu_clock) {
     profiling_ = on;
+    cpu_clock_ = cpu_clock;
     phase_s_.fill(0.0);
   }
   std::array<double, kPhases> profile() const { return phase_s_; }
@@ -200,7 +237,7 @@ class Decoder {
     if (p.is_nf4) {
       linear_small_m(p.nf4, Matrix{x, DType::F32, m, p.k}, out, DType::F32, Lora{}, s, threads);
     } else {
-      dense_project(p.dense, DType::F32, p.n, p.k, x, m, out, s, threads);
+      head_linear(p.dense, HeadStore::F32, nullptr, p.n, p.k, x, m, out, s, threads);
     }
     for (int64_t i = 0; i < m; ++i) {
       if (adapter[i] < 0) continue;
@@ -214,21 +251,6 @@ class Decoder {
       dense_rows(s, 1, t.b, DType::F32, t.r, tv, 0, p.n, delta, p.n);
       for (int64_t j = 0; j < p.n; ++j) out[i * p.n + j] += t.scale * delta[j];
     }
-  }
-
-  // out [m, n] = x [m, k] W^T for a dense W (fp32 or bf16) on the pool; x fp32.
-  static void dense_project(const void* w, DType wdt, int64_t n, int64_t k, const float* x, int64_t m, float* out,
-                            SimdLevel s, int threads) {
-    const int t = threads <= 0 ? ThreadPool::max_threads() : threads;
-    const int64_t rows_per_task = std::max<int64_t>(16, ceil_div(n, static_cast<int64_t>(t) * 8));
-    const int64_t tasks = ceil_div(n, rows_per_task);
-    ThreadPool::instance().run(tasks, t, [&](int64_t task) {
-      const int64_t r0 = task * rows_per_task, r1 = std::min(n, r0 + rows_per_task);
-      for (int64_t m0 = 0; m0 < m; m0 += kDenseMaxRows) {
-        const int mr = static_cast<int>(std::min<int64_t>(kDenseMaxRows, m - m0));
-        dense_rows(s, mr, w, wdt, k, x + m0 * k, r0, r1, out + m0 * n, n);
-      }
-    });
   }
 
   void attention(int64_t layer, const int64_t* positions, int64_t row0, int64_t m, const KvCache& kv,
@@ -291,11 +313,18 @@ class Decoder {
     });
   }
 
-  using Clock = std::chrono::steady_clock;
-  void lap(Clock::time_point& t, int phase) {
+  double now_s() const {
+    if (cpu_clock_) {
+      timespec ts;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+      return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+    }
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  void lap(double& t, int phase) {
     if (!profiling_) return;
-    const Clock::time_point now = Clock::now();
-    phase_s_[phase] += std::chrono::duration<double>(now - t).count();
+    const double now = now_s();
+    phase_s_[phase] += now - t;
     t = now;
   }
 
@@ -303,7 +332,7 @@ class Decoder {
                  const KvCache& kv, const RopeTable& rope, float* logits, SimdLevel s, int threads) {
     const DecodeShape& c = shape_;
     const int64_t hs = c.hidden;
-    Clock::time_point t = profiling_ ? Clock::now() : Clock::time_point{};
+    double t = profiling_ ? now_s() : 0.0;
     for (int64_t i = 0; i < m; ++i) std::copy(embed_ + tokens[i] * hs, embed_ + (tokens[i] + 1) * hs, &h_[i * hs]);
     for (int64_t l = 0; l < c.layers; ++l) {
       const LayerWeights& lw = layers_[static_cast<size_t>(l)];
@@ -327,7 +356,7 @@ class Decoder {
       for (int64_t j = 0; j < m * hs; ++j) h_[j] += tmp_[j];
     }
     rms_norm_rows(h_.data(), final_norm_, xn_.data(), DType::F32, m, hs, c.eps);
-    dense_project(head_, head_dt_, c.vocab, hs, xn_.data(), m, logits, s, threads);
+    head_linear(head_, head_store_, head_scale_, c.vocab, hs, xn_.data(), m, logits, s, threads);
     lap(t, 7);
   }
 
@@ -338,8 +367,9 @@ class Decoder {
   const float* embed_ = nullptr;
   const float* final_norm_ = nullptr;
   const void* head_ = nullptr;
-  DType head_dt_ = DType::F32;
-  bool profiling_ = false;
+  HeadStore head_store_ = HeadStore::F32;
+  const float* head_scale_ = nullptr;
+  bool profiling_ = false, cpu_clock_ = false;
   std::array<double, kPhases> phase_s_{};
   std::vector<float> h_, xn_, tmp_, qkv_, attn_, act_, lora_t_, lora_delta_;
 };

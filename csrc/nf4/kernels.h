@@ -59,7 +59,7 @@ inline void linear_small_m(const WeightView& w, const Matrix& x, void* out, DTyp
   const float* xf = as_f32(x, scratch(2));
   std::vector<float>& xp = scratch(3);
   xp.resize(static_cast<size_t>(m * k));
-  permute_rows(xf, m, k, gemv_group(s), xp.data());
+  permute_rows(xf, m, k, gemv_group(s, w), xp.data());
   const bool direct = odt == DType::F32 && lora.r == 0;  // accumulate straight into the output
   std::vector<float>& acc_buf = scratch(4);
   if (!direct) acc_buf.resize(static_cast<size_t>(m * n));

@@ -63,9 +63,11 @@ void bind_decode(py::module_& m) {
              d.set_proj(layer, slot, p);
            })
       .def("set_globals",
-           [](Decoder& d, uintptr_t embed, uintptr_t final_norm, uintptr_t head, const std::string& head_dtype) {
+           [](Decoder& d, uintptr_t embed, uintptr_t final_norm, uintptr_t head, const std::string& head_store,
+              uintptr_t head_scale) {
              d.set_globals(addr<const float>(embed, "embedding"), addr<const float>(final_norm, "final norm"),
-                           addr<const void>(head, "lm_head"), dtype_from_name(head_dtype));
+                           addr<const void>(head, "lm_head"), head_store_from_name(head_store),
+                           reinterpret_cast<const float*>(head_scale));
            })
       .def("set_lora",
            [](Decoder& d, int64_t index, int64_t layer, int slot, uintptr_t a, uintptr_t b, int64_t r, float scale) {
@@ -73,7 +75,8 @@ void bind_decode(py::module_& m) {
                                                      r, scale});
            })
       .def_property_readonly("adapters", &Decoder::adapters)
-      .def("set_profiling", &Decoder::set_profiling, py::arg("on"), "Phase timers on/off (and reset).")
+      .def("set_profiling", &Decoder::set_profiling, py::arg("on"), py::arg("cpu_clock") = false,
+           "Phase timers on/off (and reset); cpu_clock: the calling thread's CPU time instead of wall time.")
       .def("profile", &Decoder::profile,
            "Seconds per phase since set_profiling: other (embed, norms, residuals), qkv, attention, o_proj, "
            "gate_up, swiglu, down, lm_head.")
@@ -96,4 +99,21 @@ void bind_decode(py::module_& m) {
           py::arg("slots"), py::arg("cap"), py::arg("cos"), py::arg("sin"), py::arg("table_len"), py::arg("logits"),
           py::arg("simd") = py::none(), py::arg("threads") = 0,
           "logits[m, vocab] of one decode step; K/V written into the cache at each row's position; GIL released.");
+  m.def(
+      "head_linear",
+      [](uintptr_t w, const std::string& store, uintptr_t scale, int64_t n, int64_t k, uintptr_t x, int64_t m_rows,
+         uintptr_t out, std::optional<std::string> simd, int threads) {
+        const HeadStore hs = head_store_from_name(store);
+        if (n <= 0 || k <= 0 || m_rows < 0) throw std::invalid_argument("head_linear: bad sizes");
+        if (hs == HeadStore::I8 && !scale) throw std::invalid_argument("head_linear: int8 needs row scales");
+        const void* wp = addr<const void>(w, "weight");
+        const float* xp = addr<const float>(x, "x");
+        float* op = addr<float>(out, "out");
+        const phi3fast::SimdLevel s = simd_level(simd);
+        py::gil_scoped_release release;
+        head_linear(wp, hs, reinterpret_cast<const float*>(scale), n, k, xp, m_rows, op, s, threads);
+      },
+      py::arg("w"), py::arg("store"), py::arg("scale"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("m"),
+      py::arg("out"), py::arg("simd") = py::none(), py::arg("threads") = 0,
+      "out[M, N] = x[M, K] W^T, fp32 x and out, W an lm_head stored as float32, bfloat16 or int8 (+ row scales).");
 }

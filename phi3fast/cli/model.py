@@ -57,6 +57,14 @@ def init_tiny_cmd(
 @click.option("--seed", default=None, type=int, help="sampling seed (reproducible sampling)")
 @click.option("--quantize", default="nf4", show_default=True, type=click.Choice(["nf4", "none"]))
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(_DTYPES)))
+@click.option(
+    "--lm-head",
+    "lm_head",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "bfloat16", "int8"]),
+    help="store the vocabulary projection narrower (CPU decode reads less; rounds the head: output can differ)",
+)
 @user_errors
 def generate(
     prompt: str,
@@ -69,12 +77,15 @@ def generate(
     seed: int | None,
     quantize: str,
     dtype: str,
+    lm_head: str,
 ) -> None:
     """Chat with a Phi-3 checkpoint (plus an adapter); the reply streams to stdout."""
     from phi3fast.generate import stream_chat
     from phi3fast.model import load
+    from phi3fast.model.lm_head import store_lm_head
 
     model = load(model_dir, adapter=adapter, quantize=_quantize(quantize), dtype=_dtype(dtype))
+    store_lm_head(model, lm_head)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]

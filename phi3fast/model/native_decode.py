@@ -101,10 +101,12 @@ class NativeDecoder:
                     self._set_lora(0, i, slot, lin.lora_A, lin.lora_B, lin.lora_scale)
                     own_lora = True
         self.own_adapter = 0 if own_lora else -1
-        head = model.lm_head.weight
+        head = model.lm_head
+        store = head.store if isinstance(head, StoredLMHead) else "float32"
+        scale = self._hold(head.scale) if store == "int8" else 0
         d.set_globals(
-            self._hold(model.embed_tokens.weight), self._hold(model.norm.weight), self._hold(head),
-            "bfloat16" if head.dtype == torch.bfloat16 else "float32",
+            self._hold(model.embed_tokens.weight), self._hold(model.norm.weight), self._hold(head.weight), store,
+            scale,
         )  # fmt: skip
         self.cos, self.sin = rope_table(model, positions)
 
@@ -126,6 +128,8 @@ class NativeDecoder:
             raise ValueError(
                 "the model carries LoRA factors of its own: per-row adapters would stack on them"
             )
+        if not weights:
+            raise ValueError("an adapter with no LoRA tensors")
         index = self._d.adapters
         linears = self.model.linears()
         for name, (a, b, scale) in weights.items():
@@ -186,3 +190,16 @@ def rope_table(model: Phi3ForCausalLM, positions: int) -> tuple[Tensor, Tensor]:
         parts = [pos[:split], pos[split:]]
     cos, sin = zip(*(model.rotary(p[None], torch.float32) for p in parts), strict=True)
     return torch.cat(cos, dim=1)[0].contiguous(), torch.cat(sin, dim=1)[0].contiguous()
+
+
+def head_logits(head: StoredLMHead, h: Tensor) -> Tensor:
+    """h [M, K] fp32 through a stored lm_head on the native kernels (the prompt's last position)."""
+    h = h.detach().float().contiguous()
+    m = h.shape[0]
+    out = torch.empty((m, head.out_features), dtype=torch.float32)
+    scale = head.scale.data_ptr() if head.scale is not None else 0
+    _native().head_linear(
+        head.weight.data_ptr(), head.store, scale, head.out_features, head.in_features, h.data_ptr(), m,
+        out.data_ptr(), None, nf4_cpu._threads(None),
+    )  # fmt: skip
+    return out
