@@ -52,13 +52,14 @@ def _native_vs_torch(model, prompt: list[int], n: int = 32) -> None:
     assert native == _greedy(model, prompt, n)
 
 
-@pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("quantize", ["nf4", None])
+# odd-sizes-gqa runs dense only: its 96 and 160 are not multiples of the NF4 block.
+GREEDY_CASES = [(n, q) for n in CASES for q in ("nf4", None) if not (q and n == "odd-sizes-gqa")]
+
+
+@pytest.mark.parametrize(("name", "quantize"), GREEDY_CASES)
 def test_greedy_32_tokens_equal_the_torch_path(
     ckpts: dict[str, Path], name: str, quantize: str | None
 ) -> None:
-    if quantize and name == "odd-sizes-gqa":
-        pytest.skip("96 and 160 are not NF4 blocks")
     model = load(ckpts[name], quantize=quantize)
     g = torch.Generator().manual_seed(3)
     # LongRoPE: 20 prompt tokens + 32 new ones cross original_max_position_embeddings (24) mid-generation.
