@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from eval_helpers import QUESTIONS, CachedIndex, build_index, make_tiny, norm, write_questions
 
@@ -133,10 +134,32 @@ def test_rows_train(made: dict) -> None:
     out = made["root"] / "adapter"
     args = ["train", "--model", str(tiny), "--data", str(made["out"]), "--out", str(out), "--max-steps", "2"]
     result = CliRunner().invoke(
-        main, [*args, "--batch-size", "2", "--seq-len", "1024", "--save-every", "0", "--no-progress"]
+        main, [*args, "--batch-size", "2", "--seq-len", "1024", "--save-every", "1", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
     assert (out / "adapter_model.safetensors").is_file()
+    # bench/eval_real_ckpt.py: a checkpoint as an adapter folder that loads with the checkpoint's tensors.
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from phi3fast.lora import load_adapter, lora_state_dict, read_adapter_config
+    from phi3fast.model import load
+
+    conv = made["root"] / "from_ckpt"
+    script = Path(__file__).resolve().parents[1] / "bench" / "eval_real_ckpt.py"
+    ckpt = out / "checkpoints" / "step-1"
+    cmd = [sys.executable, str(script), str(ckpt), str(conv), "--rank", "16", "--alpha", "32"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert read_adapter_config(conv) == read_adapter_config(out)
+    model = load(tiny)
+    load_adapter(model, conv)
+    want, got = load_file(str(ckpt / "lora.safetensors")), lora_state_dict(model)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k].float()) for k in want)
+    final = load_file(str(out / "adapter_model.safetensors"))
+    assert any(not torch.equal(want[k], final[k]) for k in want)  # step 1 is not the end of training
 
 
 def test_rag_data_errors(made: dict, tmp_path: Path) -> None:
