@@ -6,7 +6,7 @@
 # 2. split the TRAIN half of the questions: every 4th question is held back for validation (13), the rest (40)
 #    make the training rows: `rag-data` with 3 rows per question (passages rotated), targets that copy the
 #    sentence stating the answer and cite [n];
-# 3. train QLoRA adapters (NF4 base) with checkpoints; score every checkpoint's ft+rag on the validation
+# 3. train a QLoRA adapter (NF4 base) with checkpoints; score checkpoints' ft+rag on the validation
 #    questions; the best one (accuracy, then the earlier step) is the adapter. Nothing here reads the held-out half;
 # 4. eval on the HELD-OUT half, all four modes (base and rag first: they do not need the adapter).
 # Everything lands in bench/eval_real/ (report.json, report.md, report.png, answers.jsonl, run.json) and
@@ -17,7 +17,7 @@
 #
 # Usage: bench/eval_real.sh [MODEL_DIR]   (default: SmolLM2-135M-Instruct converted to Phi-3 layout by
 #        `phi3fast convert`, as `make demo` caches it in ~/.cache/phi3fast). WORK=/path keeps the index and adapters
-#        elsewhere; RUNS="A B" picks training runs among those below.
+#        elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,25 +37,24 @@ mkdir -p "$WORK" "$OUT"
 awk 'NR % 4 == 0' "$DATA/questions.train.jsonl" > "$WORK/val.jsonl"
 awk 'NR % 4 != 0' "$DATA/questions.train.jsonl" > "$WORK/fit.jsonl"
 
-# Training runs: NAME NO_GOLD_FRACTION STEPS LR WARMUP SAVE_EVERY (rank 16, alpha 32, batch 1, seed 0).
-declare -A RUN=([A]="0.2 60 1e-3 4 10" [B]="0.1 180 5e-4 10 30")
-declare -A ROWS=([A]=fit_rows.jsonl [B]=fit_rows_b.jsonl)
-for name in ${RUNS:-A B}; do
-    read -r nogold steps lr warmup every <<< "${RUN[$name]}"
-    [ -f "$WORK/${ROWS[$name]}" ] ||
-        $PHI3FAST rag-data --index "$WORK/index80" --questions "$WORK/fit.jsonl" --out "$WORK/${ROWS[$name]}" \
-            -k $K --rows-per-question 3 --no-gold-fraction "$nogold"
-    [ -f "$WORK/adapter$name/adapter_model.safetensors" ] ||
-        $PHI3FAST train --model "$MODEL" --data "$WORK/${ROWS[$name]}" --out "$WORK/adapter$name" \
-            --max-steps "$steps" --batch-size 1 --seq-len 512 --lr "$lr" --rank 16 --alpha 32 --warmup "$warmup" \
-            --save-every "$every" --seed 0 --no-progress
-    for ckpt in "$WORK/adapter$name"/checkpoints/step-*; do
-        step=${ckpt##*step-}
-        $PY bench/eval_real_ckpt.py "$ckpt" "$WORK/adapter${name}_s$step" --rank 16 --alpha 32
-        $PHI3FAST eval --model "$MODEL" --adapter "$WORK/adapter${name}_s$step" --index "$WORK/index80" \
-            --questions "$WORK/val.jsonl" --out "$WORK/val_adapter${name}_s$step" -k $K --max-new-tokens $NEW --dequantize \
-            --modes ft+rag --no-progress > /dev/null
-    done
+# The training run: 120 rows (40 questions x 3), 60 steps of one row at lr 1e-3 (rank 16, alpha 32, seed 0),
+# a checkpoint every 10 steps; the checkpoints at steps 20 and 40 and the final adapter (step 60) are scored.
+[ -f "$WORK/fit_rows.jsonl" ] ||
+    $PHI3FAST rag-data --index "$WORK/index80" --questions "$WORK/fit.jsonl" --out "$WORK/fit_rows.jsonl" \
+        -k $K --rows-per-question 3 --no-gold-fraction 0.2
+[ -f "$WORK/adapterA/adapter_model.safetensors" ] ||
+    $PHI3FAST train --model "$MODEL" --data "$WORK/fit_rows.jsonl" --out "$WORK/adapterA" --max-steps 60 \
+        --batch-size 1 --seq-len 512 --lr 1e-3 --rank 16 --alpha 32 --warmup 4 --save-every 10 --seed 0 --no-progress
+for step in 20 40 60; do
+    adapter="$WORK/adapterA_s$step"
+    if [ $step = 60 ]; then
+        adapter="$WORK/adapterA"
+    else
+        $PY bench/eval_real_ckpt.py "$WORK/adapterA/checkpoints/step-$step" "$adapter" --rank 16 --alpha 32
+    fi
+    $PHI3FAST eval --model "$MODEL" --adapter "$adapter" --index "$WORK/index80" --questions "$WORK/val.jsonl" \
+        --out "$WORK/val_adapterA_s$step" -k $K --max-new-tokens $NEW --dequantize --modes ft+rag --no-progress \
+        > /dev/null
 done
 
 # The best checkpoint on the validation questions: highest ft+rag accuracy, then the earlier run and step.
@@ -63,13 +62,13 @@ $PY - "$WORK" > "$WORK/selection.txt" <<'EOF'
 import json, pathlib, sys
 work = pathlib.Path(sys.argv[1])
 scores = []
-for d in sorted(work.glob("val_adapter*_s*")):
+for d in sorted(p for p in work.glob("val_adapter*_s*") if p.is_dir()):
     run, step = d.name.removeprefix("val_adapter").split("_s")
     acc = json.loads((d / "report.json").read_text())["modes"]["ft+rag"]["accuracy"]
     scores.append((-acc, run, int(step)))
     print(f"run {run} step {step}: ft+rag accuracy on the validation questions {acc:.3f}")
 acc, run, step = min(scores)
-print(f"chosen: adapter{run}_s{step}")
+print(f"chosen: adapter{run}" + ("" if step == 60 else f"_s{step}"))
 EOF
 cat "$WORK/selection.txt"
 chosen=$(tail -n 1 "$WORK/selection.txt" | cut -d' ' -f2)
