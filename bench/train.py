@@ -249,15 +249,21 @@ def worker_peft(a: argparse.Namespace) -> dict:
     }
 
 
-def run_side(a: argparse.Namespace, impl: str, quantize: str, dtype: str, kernels: str = "") -> dict:
+def run_side(
+    a: argparse.Namespace, impl: str, quantize: str, dtype: str, kernels: str = "", compute: str = ""
+) -> dict:
+    """One side in its own process; compute='bf16' sets PHI3FAST_NF4_COMPUTE (the NF4 CPU GEMMs' bf16 option)."""
     side = {"impl": impl, "quantize": quantize, "dtype": dtype, "kernels": kernels}
+    if compute:
+        side["compute"] = compute
     cmd = [sys.executable, __file__, "--worker", impl, "--quantize", quantize, "--dtype", dtype,
            "--model", a.model, "--data", a.data, "--batch", str(a.batch), "--seq-len", str(a.seq_len),
            "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]  # fmt: skip
     if kernels:
         cmd += ["--kernels", kernels]
     print(f"running {impl} quantize={quantize} dtype={dtype} {kernels} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "PHI3FAST_NF4_COMPUTE": compute} if compute else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
         return {**side, "error": proc.stderr.strip().splitlines()[-1]}
@@ -291,6 +297,9 @@ def main() -> None:
         "--real-model", default=str(REAL_MODEL), help="cpu-real: Phi-3-layout dir (`make demo` makes it)"
     )
     ap.add_argument("--real-rounds", type=int, default=1, help="cpu-real: interleaved rounds (best of)")
+    ap.add_argument(
+        "--real-compute", default="fp32", help="cpu-real: phi3fast NF4 GEMM compute modes to run (fp32,bf16)"
+    )
     ap.add_argument("--quantize-modes", default="nf4,none", help="steps: nf4 (QLoRA) and/or none (LoRA)")
     ap.add_argument(
         "--steps-model",
@@ -411,36 +420,46 @@ def cpu_real_section(a: argparse.Namespace, tmp: Path) -> None:
     """QLoRA on the real model (SmolLM2-135M-Instruct in Phi-3 layout) on CPU, fp32 compute: phi3fast (its NF4
     ops on the native kernels: forward, LoRA fused, dX through the frozen base) against HF + PEFT + bitsandbytes,
     --batch x --seq-len tokens (4 x 256 for the issue's figure), rank --rank on all four targets, each side in its
-    own process, the sides interleaved --real-rounds times (best tokens/s, lowest peak RSS)."""
+    own process, the sides interleaved --real-rounds times (best tokens/s, lowest peak RSS). --real-compute
+    fp32,bf16 adds a phi3fast side with the NF4 GEMMs' bf16 compute option (PHI3FAST_NF4_COMPUTE=bf16)."""
     data = tmp / "real_rows.jsonl"
     make_data(Path(a.real_model), data, a.batch * (a.steps + a.warmup), a.seq_len)
     a.model, a.data = a.real_model, str(data)
+    computes = [c.strip() for c in a.real_compute.split(",") if c.strip()]
+    sides = [(f"phi3fast {c}" if c != "fp32" else "phi3fast", "phi3fast", c) for c in computes]
+    sides.append(("peft", "peft", ""))
     best: dict[str, dict] = {}
     for _ in range(a.real_rounds):
-        for impl in ("phi3fast", "peft"):
-            r = run_side(a, impl, "nf4", "fp32", "torch" if impl == "phi3fast" else "")
+        for key, impl, compute in sides:
+            kernels = "torch" if impl == "phi3fast" else ""
+            r = run_side(a, impl, "nf4", "fp32", kernels, compute if compute != "fp32" else "")
             if "error" in r:
-                best.setdefault(impl, r)
+                best.setdefault(key, r)
                 continue
-            old = best.get(impl)
+            old = best.get(key)
             if old is None or "error" in old:
-                best[impl] = r
+                best[key] = r
             else:
                 old["tokens_per_s"] = max(old["tokens_per_s"], r["tokens_per_s"])
                 old["peak_rss_bytes"] = min(old["peak_rss_bytes"], r["peak_rss_bytes"])
-    rows = [best[k] for k in ("phi3fast", "peft") if k in best]
-    ok = {r["impl"]: r for r in rows if "error" not in r}
+    rows = [best[key] for key, _, _ in sides if key in best]
+    ok = {key: best[key] for key, _, _ in sides if key in best and "error" not in best[key]}
     for r in ok.values():
         r["peak_rss_MB"] = r["peak_rss_bytes"] / 2**20
         r.update(model=Path(a.real_model).name, batch=a.batch, seq_len=a.seq_len, rank=a.rank)
-    if len(ok) == 2:
-        ok["phi3fast"]["x_tok_s"] = ok["phi3fast"]["tokens_per_s"] / ok["peft"]["tokens_per_s"]
-        ok["phi3fast"]["x_rss"] = ok["phi3fast"]["peak_rss_bytes"] / ok["peft"]["peak_rss_bytes"]
+    if "peft" in ok:
+        for key, r in ok.items():
+            if key != "peft":
+                r["x_tok_s"] = r["tokens_per_s"] / ok["peft"]["tokens_per_s"]
+                r["x_rss"] = r["peak_rss_bytes"] / ok["peft"]["peak_rss_bytes"]
+    load = os.getloadavg()
     print(
-        f"QLoRA on {Path(a.real_model).name}: {a.batch} x {a.seq_len} tokens, rank {a.rank} on {', '.join(TARGETS)}"
+        f"QLoRA on {Path(a.real_model).name}: {a.batch} x {a.seq_len} tokens, rank {a.rank} on {', '.join(TARGETS)}; "
+        f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
     print_table(
-        rows, ["impl", "quantize", "dtype", "tokens_per_s", "peak_rss_MB", "x_tok_s", "x_rss", "error"]
+        rows,
+        ["impl", "compute", "quantize", "dtype", "tokens_per_s", "peak_rss_MB", "x_tok_s", "x_rss", "error"],
     )
     print(f"wrote {write_rows('train_cpu_real', rows)}")
 

@@ -12,6 +12,7 @@ weight object (weakly: the cache never keeps a weight alive) together with the t
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,6 +105,61 @@ def pinned_threads(threads: int) -> Iterator[None]:
         _THREADS.pop()
 
 
+@contextmanager
+def full_threads() -> Iterator[None]:
+    """Inside `pinned_threads` with torch on fewer threads: torch's ops on the pinned count for the block.
+
+    For one large torch op in a loop whose small ops run on one thread (prefill's attention over a long prompt, a
+    training step's lm_head GEMMs): one OpenMP region per large op costs nothing next to its work. Elsewhere a
+    no-op."""
+    if not _THREADS or torch.get_num_threads() >= _THREADS[-1]:
+        yield
+        return
+    inner = torch.get_num_threads()
+    torch.set_num_threads(_THREADS[-1])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(inner)
+
+
+COMPUTES = ("fp32", "bf16")
+_COMPUTE: list[str] = []  # a stack of compute modes set by `compute_mode`
+
+
+@contextmanager
+def compute_mode(mode: str) -> Iterator[None]:
+    """Products of the large-M NF4 GEMMs (M > 16 forward, every dX) inside the block: 'fp32' (the default) or
+    'bf16' (AVX512-BF16: operands rounded to bf16, fp32 sums; |error| <= 2^-8 sum |a w|; fp32 where the CPU or
+    the PHI3FAST_SIMD cap lacks it). Outside any block, PHI3FAST_NF4_COMPUTE sets it. Decode's GEMV is fp32."""
+    if mode not in COMPUTES:
+        raise KernelInputError(f"compute mode {mode!r}: expected one of {', '.join(map(repr, COMPUTES))}")
+    _COMPUTE.append(mode)
+    try:
+        yield
+    finally:
+        _COMPUTE.pop()
+
+
+def _compute(compute: str | None) -> str:
+    mode = compute or (_COMPUTE[-1] if _COMPUTE else os.environ.get("PHI3FAST_NF4_COMPUTE", "fp32"))
+    if mode not in COMPUTES:
+        raise KernelInputError(
+            f"compute mode {mode!r} (PHI3FAST_NF4_COMPUTE or compute=): expected one of "
+            + ", ".join(map(repr, COMPUTES))
+        )
+    return mode
+
+
+def bf16_compute_supported() -> bool:
+    """Whether compute mode 'bf16' runs bf16 products here (AVX512-BF16), rather than falling back to fp32."""
+    return (
+        available()
+        and hasattr(_native, "nf4_bf16_compute_supported")
+        and _native.nf4_bf16_compute_supported()
+    )
+
+
 def _threads(threads: int | None) -> int:
     if threads is not None:
         return int(threads)
@@ -117,8 +173,10 @@ def linear(
     *,
     simd: str | None = None,
     threads: int | None = None,
+    compute: str | None = None,
 ) -> Tensor:
-    """x [..., K] W^T (+ scale * t B^T with lora = (t [..., r], B [N, r], scale)) -> [..., N] in x's dtype."""
+    """x [..., K] W^T (+ scale * t B^T with lora = (t [..., r], B [N, r], scale)) -> [..., N] in x's dtype.
+    compute: 'fp32' or 'bf16' (see compute_mode; None: the current mode)."""
     view = weight_view(w)
     n, k = view.n, view.k
     x2 = _rows(x, k, "x")
@@ -140,7 +198,7 @@ def linear(
         t_ptr, b_ptr = t.data_ptr(), b.data_ptr()
     _native.nf4_linear(
         view, x2.data_ptr(), _NAMES[x2.dtype], m, out.data_ptr(), _NAMES[out.dtype], t_ptr, b_ptr, r,
-        float(scale), simd, _threads(threads),
+        float(scale), simd, _threads(threads), _compute(compute),
     )  # fmt: skip
     return out
 
@@ -152,8 +210,10 @@ def dx(
     *,
     simd: str | None = None,
     threads: int | None = None,
+    compute: str | None = None,
 ) -> Tensor:
-    """dY [..., N] W (+ scale * u A with lora = (u [..., r], A [r, K], scale)) -> [..., K] in dY's dtype."""
+    """dY [..., N] W (+ scale * u A with lora = (u [..., r], A [r, K], scale)) -> [..., K] in dY's dtype.
+    compute: 'fp32' or 'bf16' (see compute_mode; None: the current mode)."""
     view = weight_view(w)
     n, k = view.n, view.k
     g2 = _rows(g, n, "dY")
@@ -173,7 +233,7 @@ def dx(
         u_ptr, a_ptr = u.data_ptr(), a.data_ptr()
     _native.nf4_dx(
         view, g2.data_ptr(), _NAMES[g2.dtype], m, out.data_ptr(), _NAMES[out.dtype], u_ptr, a_ptr, r,
-        float(scale), simd, _threads(threads),
+        float(scale), simd, _threads(threads), _compute(compute),
     )  # fmt: skip
     return out
 

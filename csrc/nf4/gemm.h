@@ -23,7 +23,7 @@ struct Segments {
 };
 
 inline int64_t panel_width(SimdLevel s) { return s == SimdLevel::AVX512 ? 32 : s == SimdLevel::AVX2 ? 16 : 8; }
-inline int panel_rows(SimdLevel s) { return s == SimdLevel::AVX512 ? 8 : s == SimdLevel::AVX2 ? 6 : 4; }
+inline int panel_rows(SimdLevel s) { return s == SimdLevel::AVX512 ? 12 : s == SimdLevel::AVX2 ? 6 : 4; }
 
 // ---- scalar: NR = 8 ----
 template <int MR>
@@ -46,7 +46,7 @@ void micro_scalar(const Segments& sg, const float* panel, int64_t m0, float* c, 
 }
 
 #ifdef PHI3FAST_X86
-// ---- AVX-512: NR = 32 (two zmm), up to 8 rows: 16 accumulators, A broadcast from memory ----
+// ---- AVX-512: NR = 32 (two zmm), up to 12 rows: 24 accumulators, A broadcast from memory ----
 template <int MR>
 __attribute__((target("avx512f"), always_inline)) inline void sweep_avx512(const float* a, int64_t lda, int64_t m0,
                                                                           int64_t q_end, const float* p,
@@ -119,6 +119,8 @@ inline void micro_tile(SimdLevel s, int mr, const Segments& sg, const float* pan
       PHI3FAST_MICRO_CASE(micro_avx512, 3) PHI3FAST_MICRO_CASE(micro_avx512, 4)
       PHI3FAST_MICRO_CASE(micro_avx512, 5) PHI3FAST_MICRO_CASE(micro_avx512, 6)
       PHI3FAST_MICRO_CASE(micro_avx512, 7) PHI3FAST_MICRO_CASE(micro_avx512, 8)
+      PHI3FAST_MICRO_CASE(micro_avx512, 9) PHI3FAST_MICRO_CASE(micro_avx512, 10)
+      PHI3FAST_MICRO_CASE(micro_avx512, 11) PHI3FAST_MICRO_CASE(micro_avx512, 12)
       default: break;
     }
   } else if (s == SimdLevel::AVX2) {

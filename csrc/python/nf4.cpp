@@ -11,6 +11,7 @@
 
 #include "common/simd.h"
 #include "nf4/dense.h"
+#include "nf4/gemm_bf16.h"
 #include "nf4/kernels.h"
 #include "nf4/rowwise.h"
 #include "python/bindings.h"
@@ -59,15 +60,23 @@ WeightView make_view(uintptr_t packed, uintptr_t absmax, bool double_quant, uint
 
 void run_op(bool is_dx, const WeightView& w, uintptr_t a, const std::string& a_dtype, int64_t m, int64_t cols,
             uintptr_t out, const std::string& out_dtype, uintptr_t lora_left, uintptr_t lora_right, int64_t r,
-            float scale, const std::optional<std::string>& simd, int threads) {
+            float scale, const std::optional<std::string>& simd, int threads, const std::string& compute) {
   if (m < 0) throw std::invalid_argument("M must be >= 0");
   if (r < 0 || (r > 0 && (!lora_left || !lora_right))) throw std::invalid_argument("LoRA operands missing");
   const Matrix mat{reinterpret_cast<const void*>(a), dtype_from_name(a_dtype), m, cols};
   const DType odt = dtype_from_name(out_dtype);
   Lora lora{ptr<float>(lora_left), ptr<float>(lora_right), r, scale};
   const phi3fast::SimdLevel s = pick_simd(simd);
+  if (compute != "fp32" && compute != "bf16")
+    throw std::invalid_argument("compute='" + compute + "': expected 'fp32' or 'bf16'");
+  // bf16 compute: the large-M GEMMs only (decode's GEMV stays fp32), on AVX-512 with AVX512-BF16, else fp32.
+  const bool bf16 = compute == "bf16" && s == phi3fast::SimdLevel::AVX512 && cpu_has_avx512bf16() &&
+                    (is_dx || m > kSmallM);
   py::gil_scoped_release release;
-  if (is_dx) dx(w, mat, reinterpret_cast<void*>(out), odt, lora, s, threads);
+  if (bf16) {
+    w.validate();
+    if (m > 0) gemm_panels_bf16(w, is_dx, mat, reinterpret_cast<void*>(out), odt, lora, threads);
+  } else if (is_dx) dx(w, mat, reinterpret_cast<void*>(out), odt, lora, s, threads);
   else linear(w, mat, reinterpret_cast<void*>(out), odt, lora, s, threads);
 }
 
@@ -85,24 +94,26 @@ void bind_nf4(py::module_& m) {
       "nf4_linear",
       [](const WeightView& w, uintptr_t x, const std::string& x_dtype, int64_t m_rows, uintptr_t out,
          const std::string& out_dtype, uintptr_t lora_t, uintptr_t lora_b, int64_t r, float scale,
-         std::optional<std::string> simd, int threads) {
-        run_op(false, w, x, x_dtype, m_rows, w.k, out, out_dtype, lora_t, lora_b, r, scale, simd, threads);
+         std::optional<std::string> simd, int threads, const std::string& compute) {
+        run_op(false, w, x, x_dtype, m_rows, w.k, out, out_dtype, lora_t, lora_b, r, scale, simd, threads, compute);
       },
       py::arg("w"), py::arg("x"), py::arg("x_dtype"), py::arg("m"), py::arg("out"), py::arg("out_dtype"),
       py::arg("lora_t") = 0, py::arg("lora_b") = 0, py::arg("r") = 0, py::arg("scale") = 0.f,
-      py::arg("simd") = py::none(), py::arg("threads") = 0,
-      "out[M, N] = x[M, K] W^T (+ scale * t[M, r] B[N, r]^T); fp32 accumulation; GIL released.");
+      py::arg("simd") = py::none(), py::arg("threads") = 0, py::arg("compute") = "fp32",
+      "out[M, N] = x[M, K] W^T (+ scale * t[M, r] B[N, r]^T); fp32 accumulation; GIL released. compute='bf16': "
+      "bf16 products for M > 16 on AVX512-BF16 (else fp32).");
   m.def(
       "nf4_dx",
       [](const WeightView& w, uintptr_t g, const std::string& g_dtype, int64_t m_rows, uintptr_t out,
          const std::string& out_dtype, uintptr_t lora_u, uintptr_t lora_a, int64_t r, float scale,
-         std::optional<std::string> simd, int threads) {
-        run_op(true, w, g, g_dtype, m_rows, w.n, out, out_dtype, lora_u, lora_a, r, scale, simd, threads);
+         std::optional<std::string> simd, int threads, const std::string& compute) {
+        run_op(true, w, g, g_dtype, m_rows, w.n, out, out_dtype, lora_u, lora_a, r, scale, simd, threads, compute);
       },
       py::arg("w"), py::arg("g"), py::arg("g_dtype"), py::arg("m"), py::arg("out"), py::arg("out_dtype"),
       py::arg("lora_u") = 0, py::arg("lora_a") = 0, py::arg("r") = 0, py::arg("scale") = 0.f,
-      py::arg("simd") = py::none(), py::arg("threads") = 0,
-      "out[M, K] = dY[M, N] W (+ scale * u[M, r] A[r, K]); fp32 accumulation; GIL released.");
+      py::arg("simd") = py::none(), py::arg("threads") = 0, py::arg("compute") = "fp32",
+      "out[M, K] = dY[M, N] W (+ scale * u[M, r] A[r, K]); fp32 accumulation; GIL released. compute='bf16': "
+      "bf16 products on AVX512-BF16 (else fp32).");
   m.def(
       "dense_linear",
       [](uintptr_t w, const std::string& w_dtype, int64_t n, int64_t k, uintptr_t x, const std::string& x_dtype,
@@ -146,5 +157,7 @@ void bind_nf4(py::module_& m) {
       },
       py::arg("qkv"), py::arg("dtype"), py::arg("b"), py::arg("t"), py::arg("row_width"), py::arg("n_rot"),
       py::arg("half"), py::arg("cos"), py::arg("sin"), py::arg("cs_dtype"), py::arg("cs_b"), py::arg("cs_t"));
+  m.def("nf4_bf16_compute_supported", &cpu_has_avx512bf16,
+        "Whether this CPU has AVX512-BF16 (what compute='bf16' of nf4_linear/nf4_dx needs).");
   m.def("nf4_max_threads", &ThreadPool::max_threads, "Threads the NF4 kernels use by default (every core).");
 }

@@ -16,6 +16,7 @@ Phi3Linear. This file holds modules only: phi3fast.model.loading builds them fro
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from phi3fast.errors import Phi3FastError
-from phi3fast.kernels import lora_linear, nf4_linear, rms_norm, rope_qkv_, swiglu
+from phi3fast.kernels import lora_linear, nf4_cpu, nf4_linear, rms_norm, rope_qkv_, swiglu
 from phi3fast.kernels.backend import BACKENDS
 from phi3fast.model.config import Phi3Config
 
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 # SDPA's enable_gqa (torch >= 2.5): the same result as repeating the kv heads, without copying the KV cache
 # every decode step.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# query x key positions from which CPU attention runs on every thread (a 128-token prompt and up)
+_SDPA_BIG = 128 * 128
+_DENSE_BIG_ROWS = 64  # rows from which a dense CPU projection does too
 
 
 class Phi3Linear(nn.Module):
@@ -95,7 +99,10 @@ class Phi3Linear(nn.Module):
             if self.nf4 is not None:
                 # Differentiable in x (the frozen weight gets no gradient): a layer below may be training.
                 return nf4_linear(x, self.nf4, self.kernel_backend)
-            return F.linear(x, self.weight)
+            # A dense prompt-sized GEMM gets every thread back inside the one-thread loops (see Attention).
+            big = x.device.type == "cpu" and x.numel() >= _DENSE_BIG_ROWS * self.in_features
+            with nf4_cpu.full_threads() if big else nullcontext():
+                return F.linear(x, self.weight)
         # LoRA factors are kept in fp32 (master weights); the cast is differentiable, so grads land in fp32.
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # x_lora=None lets the kernel reuse x (no dropout copy) whenever dropout is off or in eval mode.
@@ -218,7 +225,11 @@ class Attention(nn.Module):
             else:
                 k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
+        # A long prompt's attention is one large op: inside a loop that pins torch's small ops to one thread
+        # (generate, the CPU training step), it gets every thread back (nf4_cpu.full_threads).
+        big = x.device.type == "cpu" and T * k.shape[2] >= _SDPA_BIG
+        with nf4_cpu.full_threads() if big else nullcontext():
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 

@@ -48,6 +48,7 @@ from phi3fast.training.data import DataOrder, Row, build_rows, collate, load_row
 from phi3fast.training.loss import chunked_cross_entropy
 from phi3fast.training.metrics import MetricsLog, peak_memory_bytes
 from phi3fast.training.precision import LossScaler, resolve_dtype
+from phi3fast.training.threads import all_threads, glue_threads
 
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -228,11 +229,16 @@ class Trainer:
         b = collate(rows, self.pad_id)
         to = lambda t: None if t is None else t.to(self.dd.device, non_blocking=True)
         hidden = self.model.hidden_states(to(b.input_ids), to(b.position_ids), to(b.seq_ids))
-        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight,
-                                     to(b.labels).reshape(-1), backend=self.cfg.kernels)  # fmt: skip
+        with all_threads():  # a few large GEMMs (the lm_head over the chunk's rows): every thread
+            return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.model.lm_head.weight,
+                                         to(b.labels).reshape(-1), backend=self.cfg.kernels)  # fmt: skip
 
     def step(self, step: int) -> dict[str, Any]:
         """Optimizer step `step` (0-based) over its global batch; returns the step's metrics."""
+        with glue_threads(self.dd.device):
+            return self._step(step)
+
+    def _step(self, step: int) -> dict[str, Any]:
         cfg, dd, micro = self.cfg, self.dd, self.cfg.batch_size
         t0 = time.perf_counter()
         batch_rows = [self.rows[i] for i in self.order.rows(step * self.per_step, self.per_step)]
