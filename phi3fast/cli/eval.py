@@ -97,8 +97,24 @@ def eval_cmd(
 )
 @click.option("--no-gold-fraction", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
               help="Share of rows whose gold passage is removed; their target is the abstention sentence.")  # fmt: skip
+@click.option("--rows-per-question", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rows per question: the first in retrieval order, the others with the passages rotated "
+              "(the gold passage at another number).")  # fmt: skip
+@click.option("--target", "target_kind", type=click.Choice(["sentence", "answer"]), default="sentence",
+              show_default=True, help="sentence: the gold passage's sentence holding the answer, copied, then "
+              "[n]; answer: the first acceptable answer, then [n].")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of abstention rows.")
 @user_errors
-def rag_data_cmd(index_dir: Path, questions: Path, out: Path, k: int, no_gold_fraction: float) -> None:
+def rag_data_cmd(
+    index_dir: Path,
+    questions: Path,
+    out: Path,
+    k: int,
+    no_gold_fraction: float,
+    rows_per_question: int,
+    target_kind: str,
+    seed: int,
+) -> None:
     """Turn question/answer/source rows into chat rows with the exact RAG prompt of `phi3fast query --model`."""
     from phi3fast.eval.questions import load_questions
     from phi3fast.eval.ragdata import check_target, rag_rows, write_rows
@@ -107,10 +123,20 @@ def rag_data_cmd(index_dir: Path, questions: Path, out: Path, k: int, no_gold_fr
     rows_in = load_questions(questions, need_source=True)
     check_target(out)
     index = Index.open(index_dir)
-    rows, s = rag_rows(index, rows_in, k=k, no_gold_fraction=no_gold_fraction)
+    rows, s = rag_rows(
+        index,
+        rows_in,
+        k=k,
+        no_gold_fraction=no_gold_fraction,
+        seed=seed,
+        rows_per_question=rows_per_question,
+        target_kind=target_kind,
+    )
     write_rows(out, rows)
     click.echo(
         f"{out}: {s.rows} rows ({s.cited} cite the gold passage, {s.removed} with the gold passage removed, "
         f"{s.missed} whose source was not in the top {k}; the last two answer with the abstention sentence)"
     )
+    if target_kind == "sentence":
+        click.echo(f"{s.sentences} of the {s.cited} citing targets copy a sentence of the gold passage")
     sys.stdout.flush()
