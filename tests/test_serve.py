@@ -5,6 +5,7 @@ with query's prompt, embeddings, and adapters added and removed live."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -103,9 +104,24 @@ def _stream(client, model: str, out: dict, **kw: object) -> None:
     out[model] = ("".join(pieces), finish)
 
 
-def test_two_adapters_stream_in_one_batch(client, server: ThreadServer, reference: dict) -> None:
+def test_two_adapters_stream_in_one_batch(
+    client, server: ThreadServer, reference: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = server.service.engine
     mixed_before = engine.mixed_steps
+    # The first admitted request's prefill waits until the other two are queued, so they join it while it still
+    # decodes, however fast a step is or however loaded the machine (without this the batch depends on timing).
+    prefill_all, first = engine._prefill_all, threading.Event()
+
+    def prefill_when_all_queued(jobs: list) -> None:
+        if jobs and not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 120
+            while len(engine._waiting) < 3 - len(jobs) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        prefill_all(jobs)
+
+    monkeypatch.setattr(engine, "_prefill_all", prefill_when_all_queued)
     out: dict = {}
     threads = [threading.Thread(target=_stream, args=(client, m, out)) for m in ("a", "b", BASE)]
     for t in threads:
