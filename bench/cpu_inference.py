@@ -13,11 +13,17 @@ Columns:
   (end to end: the prompt's prefill is inside the time);
 - prefill tok/s: a `--prefill-tokens` prompt up to the first new token;
 - load s: building the model from the files; peak RSS MB: the process's VmHWM at the end;
+- phi3fast nf4 bf16-head: the same with the lm_head stored in bf16 (phi3fast.model.lm_head.store_lm_head), an
+  opt-in that rounds the head's weights once; its first tokens are printed next to the fp32 head's;
 - phi3fast nf4 bf16: the NF4 engine with the bf16 compute option of the large-M GEMMs (PHI3FAST_NF4_COMPUTE=bf16:
   AVX512-BF16 products, fp32 sums; prefill changes, decode's GEMV stays fp32). transformers+bnb runs as users run
   it: on this AVX512-BF16 CPU bitsandbytes switches Linear4bit to its bf16 kernel in eval under no_grad;
 - phi3fast NF4 only: the NF4 linears of every layer at M = 1, 4, 16 rows (batched decode's GEMMs), as tokens/s
-  through all layers' projections (M / time of one pass).
+  through all layers' projections (M / time of one pass);
+- phi3fast rows: "batch M tok/s", the native decode step with M sequences at once (the server's batched step,
+  one token per row per step, after a 30-token context), M * steps / time.
+llama.cpp: its state is reset before every generation, so no repetition reuses a cached prompt prefix (without
+the reset, llama-cpp-python matches the prompt against its KV cache and skips the prefill).
 JSON: bench/results/cpu_inference.json.
 """
 
@@ -38,18 +44,25 @@ MODEL_DIR = str(REAL_MODEL)  # `make demo` makes both
 GGUF = str(REAL_GGUF)
 ENGINES = (
     "phi3fast nf4",
+    "phi3fast nf4 bf16-head",
     "phi3fast nf4 bf16",
     "phi3fast fp32",
     "transformers fp32",
     "transformers+bnb nf4",
     "llama.cpp q4_1",
 )
+OURS = (
+    "phi3fast nf4",
+    "phi3fast nf4 bf16-head",
+    "phi3fast nf4 bf16",
+)  # the rows every engine is compared with
 CHAT = [{"role": "user", "content": "Give me three tips for keeping a vegetable garden healthy in summer."}]
 FILLER = (
     "Retrieval-augmented generation answers a question from passages found in a document index. The passages are "
     "placed before the question, so the model reads a long prompt before it writes its first word. "
 )
 KERNEL_MS = (1, 4, 16)
+BATCH_MS = (1, 4, 16)
 
 
 def status_bytes(key: str) -> int:
@@ -71,11 +84,13 @@ def best_time(fn, reps: int) -> float:
 # ---- engines (each runs inside a worker subprocess) ----------------------------------------------------------------
 
 
-def _phi3fast(args, quantize):
+def _phi3fast(args, quantize, head_dtype="float32"):
     from phi3fast.generate import generate_tokens
     from phi3fast.model import load
+    from phi3fast.model.lm_head import store_lm_head
 
     model = load(args.model_dir, quantize=quantize, device="cpu", dtype=None)
+    store_lm_head(model, head_dtype)
 
     def decode(ids, n):
         return list(generate_tokens(model, ids, max_new_tokens=n, stop=()))
@@ -114,6 +129,7 @@ def _llama_cpp(args):
     model = Llama(model_path=args.gguf, n_threads=args.threads, n_ctx=4096, n_batch=512, verbose=False)
 
     def decode(ids, n):
+        model.reset()  # forget the cached prompt: every repetition prefills from scratch
         out = []
         for tok in model.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
             out.append(int(tok))
@@ -143,6 +159,34 @@ def _kernel_rows(model, reps: int) -> dict[str, float]:
     return out
 
 
+def _batched_steps(model, steps: int) -> dict[str, float]:
+    """Tokens/s of the native decode step with M rows at once, after 30 positions of context."""
+    import torch
+
+    from phi3fast.model.native_decode import NativeDecoder
+
+    context = 30
+    dec = NativeDecoder(model, context + steps + 1)
+    out = {}
+    for m in BATCH_MS:
+        cache = model.new_kv_cache(m, context + steps + 1)
+        tokens = torch.arange(100, 100 + m, dtype=torch.int64)
+        rows = torch.full((m,), dec.own_adapter, dtype=torch.int32)
+        logits = torch.empty((m, model.config.vocab_size))
+
+        def run(first, last, tokens=tokens, cache=cache, rows=rows, logits=logits):
+            for p in range(first, last):
+                dec.step(
+                    tokens, torch.full(tokens.shape, p, dtype=torch.int64), rows, cache.k, cache.v, logits
+                )
+
+        run(0, context)
+        t0 = time.perf_counter()
+        run(context, context + steps)
+        out[f"batch M={m} tok/s"] = m * steps / (time.perf_counter() - t0)
+    return out
+
+
 def worker(args) -> dict:
     import torch
 
@@ -150,9 +194,10 @@ def worker(args) -> dict:
     spec = json.loads(Path(args.ids_file).read_text())
     t0 = time.perf_counter()
     if args.worker.startswith("phi3fast"):
-        if args.worker.endswith("bf16"):
+        if args.worker.endswith(" bf16"):
             os.environ["PHI3FAST_NF4_COMPUTE"] = "bf16"
-        model, decode = _phi3fast(args, "nf4" if "nf4" in args.worker else None)
+        head = "bfloat16" if args.worker.endswith("bf16-head") else "float32"
+        model, decode = _phi3fast(args, "nf4" if "nf4" in args.worker else None, head)
     elif args.worker.startswith("transformers"):
         model, decode = _transformers(args, bnb="bnb" in args.worker)
     else:
@@ -167,6 +212,11 @@ def worker(args) -> dict:
     row["prefill tok/s"] = len(long) / best_time(lambda: decode(long, 1), args.reps)
     if args.worker == "phi3fast nf4":
         row.update(_kernel_rows(model, max(args.reps, 3)))
+    if args.worker.startswith("phi3fast"):
+        from phi3fast.model import native_decode
+
+        if native_decode.unsupported(model) is None:
+            row.update(_batched_steps(model, args.new_tokens // 2))
     row["peak RSS MB"] = status_bytes("VmHWM:") / 2**20
     return row
 
@@ -230,6 +280,7 @@ def main() -> None:
     ids_file = Path(__file__).resolve().parent / "results" / ".cpu_inference_ids.json"
     ids_file.parent.mkdir(parents=True, exist_ok=True)
     ids_file.write_text(json.dumps(prompt_ids(args)))
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", file=sys.stderr)
     best: dict[str, dict] = {e: {} for e in engines}
     for r in range(args.rounds):
         for engine in engines:
@@ -239,21 +290,25 @@ def main() -> None:
                 merge_best(best[engine], row)
     ids_file.unlink()
     rows = [best[e] for e in engines if best[e]]
-    ours, ours_bf16 = best.get("phi3fast nf4", {}), best.get("phi3fast nf4 bf16", {})
-    for row in rows:
+    ratio_columns = []
+    for name in OURS:
+        ours = best.get(name, {})
+        tag = name.removeprefix("phi3fast ")
         for metric in ("decode tok/s", "prefill tok/s"):
-            if metric in ours and metric in row:
-                row[f"nf4 / this ({metric.split()[0]})"] = ours[metric] / row[metric]
-        if "prefill tok/s" in ours_bf16 and "prefill tok/s" in row:
-            row["nf4 bf16 / this (prefill)"] = ours_bf16["prefill tok/s"] / row["prefill tok/s"]
-    columns = ["engine", "decode tok/s", "prefill tok/s", "load s", "peak RSS MB", "nf4 / this (decode)"]
-    columns += ["nf4 / this (prefill)", "nf4 bf16 / this (prefill)"] + [
-        f"kernels M={m} tok/s" for m in KERNEL_MS
-    ]
+            col = f"{tag} / this ({metric.split()[0]})"
+            if metric in ours:
+                ratio_columns.append(col)
+            for row in rows:
+                if metric in ours and metric in row:
+                    row[col] = ours[metric] / row[metric]
+    columns = ["engine", "decode tok/s", "prefill tok/s", "load s", "peak RSS MB", *ratio_columns]
+    columns += [f"batch M={m} tok/s" for m in BATCH_MS] + [f"kernels M={m} tok/s" for m in KERNEL_MS]
     print_table(rows, columns)
     for row in rows:
         print(f"{row['engine']}: first tokens {row.get('first tokens')}")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     params = {k: getattr(args, k) for k in ("threads", "new_tokens", "prefill_tokens", "rounds", "reps")}
+    params["load average"] = os.getloadavg()[0]
     path = write_rows("cpu_inference", [{**params, "model": Path(args.model_dir).name, **r} for r in rows])
     print(f"wrote {path}")
 

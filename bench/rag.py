@@ -9,7 +9,7 @@ in one run, on the same vectors and queries.
    (`--store milvus:`), with the share of the time spent inside the embedder and the store's own seconds.
 2. Query latency at N chunks, one query at a time as `phi3fast query` runs them: embed the question (real
    MiniLM), then the vector search (k=10, ef=128, M=16, ef_construction=200 for every store), then, for
-   phi3fast, the whole hybrid path (+ FTS5 BM25 + identifier list + reciprocal rank fusion) over the same N
+   phi3fast, the whole hybrid path (+ FTS5 BM25 + identifier list + score fusion) over the same N
    chunks in SQLite; and the same hybrid path through the Milvus store (Milvus Lite: HNSW COSINE + its BM25
    function + LIKE identifier filters, over gRPC to the local Milvus Lite server). recall@10 is against exact
    search (numpy), so the vector stores are compared at a stated recall.
@@ -37,7 +37,7 @@ from common import print_table, write_rows  # noqa: E402
 
 from phi3fast.rag import Index  # noqa: E402
 from phi3fast.rag.embedders import Embedder, shared_embedder  # noqa: E402
-from phi3fast.rag.index import rrf_fuse  # noqa: E402
+from phi3fast.rag.fusion import NORM_DEPTH, score_fuse  # noqa: E402
 from phi3fast.rag.stores.sqlite import ChunkDB  # noqa: E402
 from phi3fast.rag.stores.vectors import EF_CONSTRUCTION, EF_SEARCH, M  # noqa: E402
 
@@ -182,6 +182,11 @@ class _HnswLike:
     def search(self, q: np.ndarray, k: int) -> np.ndarray:
         return self.index.knn_query(q[None], k=k, num_threads=1)[0][0]
 
+    def search_scored(self, q: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(label, cosine similarity) best first, as the RAG store's dense list."""
+        labels, dists = self.index.knn_query(q[None], k=k, num_threads=1)
+        return list(zip(labels[0].tolist(), (1.0 - dists[0]).tolist(), strict=True))
+
 
 class _Faiss:
     def __init__(self, dim: int) -> None:
@@ -289,15 +294,14 @@ def _hybrid_row(n, vecs, store, hnsw_build_s, questions, q_vecs, embed_ms, workd
     st.commit()
     build_s = time.perf_counter() - t0 + hnsw_build_s
     assert ids[0] == 1 and ids[-1] == n  # chunk id = vector label + 1
-    depth = max(4 * 5, 40)
+    depth = max(4 * 5, NORM_DEPTH)
 
     def one_pass() -> list[float]:
         times = []
         for q, qv in zip(questions, q_vecs, strict=True):
             t0 = time.perf_counter()
-            labels = store.search(qv, depth)
-            dense = [(int(i) + 1, 0.0) for i in labels]
-            fused = rrf_fuse(dense, st.keyword_search(q, depth), st.identifier_search(q, depth))[:5]
+            dense = [(int(i) + 1, sim) for i, sim in store.search_scored(qv, depth)]
+            fused = score_fuse(dense, st.keyword_search(q, depth), st.identifier_search(q, depth))[:5]
             st.chunks([cid for cid, _ in fused])
             times.append((time.perf_counter() - t0) * 1e3)
         return times
@@ -305,7 +309,7 @@ def _hybrid_row(n, vecs, store, hnsw_build_s, questions, q_vecs, embed_ms, workd
     one_pass()  # warm-up, as for Milvus below: the table has the second pass
     store_ms = one_pass()
     st.close()
-    return _hybrid_stats(n, "builtin hybrid (HNSW+FTS5, RRF)", n / build_s, store_ms, embed_ms)
+    return _hybrid_stats(n, "builtin hybrid (HNSW+FTS5, fused)", n / build_s, store_ms, embed_ms)
 
 
 def _milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, prng) -> dict:  # noqa: ANN001
@@ -333,16 +337,16 @@ def _milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, prng) -> dict:  #
     build_s = time.perf_counter() - t0
     manifest = {"store": writer.cfg, "embedder": {"dim": vecs.shape[1]}}
     backend = MilvusStore.open(out, manifest)
-    depth = max(4 * 5, 40)
+    depth = max(4 * 5, NORM_DEPTH)
 
     def one_pass() -> list[float]:
         times = []
         for q, qv in zip(questions, q_vecs, strict=True):
             t0 = time.perf_counter()
             reader = backend.view()
-            fused = rrf_fuse(reader.dense(qv, depth), reader.keyword(q, depth), reader.identifier(q, depth))[
-                :5
-            ]
+            fused = score_fuse(
+                reader.dense(qv, depth), reader.keyword(q, depth), reader.identifier(q, depth)
+            )[:5]
             reader.rows([cid for cid, _ in fused])
             times.append((time.perf_counter() - t0) * 1e3)
         return times
@@ -354,7 +358,7 @@ def _milvus_row(n, vecs, questions, q_vecs, embed_ms, workdir, prng) -> dict:  #
         f"{n} chunks, milvus lite: first pass (background compaction running): search p50 {percentiles(first)[0]:.1f} ms"
     )
     store_ms = one_pass()
-    return _hybrid_stats(n, "milvus lite hybrid (HNSW+BM25, RRF)", n / build_s, store_ms, embed_ms)
+    return _hybrid_stats(n, "milvus lite hybrid (HNSW+BM25, fused)", n / build_s, store_ms, embed_ms)
 
 
 def main() -> None:
@@ -421,7 +425,7 @@ def main() -> None:
     name = "rag-quick" if args.quick else "rag"
     for n in sizes:
         by = {r["store"]: r for r in rows if r["chunks"] == n}
-        mv, bi = by.get("milvus lite hybrid (HNSW+BM25, RRF)"), by["builtin hybrid (HNSW+FTS5, RRF)"]
+        mv, bi = by.get("milvus lite hybrid (HNSW+BM25, fused)"), by["builtin hybrid (HNSW+FTS5, fused)"]
         if mv:
             print(
                 f"{n} chunks, hybrid search without embedding, milvus lite vs builtin: p50 "

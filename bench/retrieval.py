@@ -1,11 +1,14 @@
 """Retrieval quality on a corpus the retrieval was not tuned on: phi3fast's hybrid search against the naive
 baseline of issue #16, on the same documents and questions, in one run.
 
-    python bench/retrieval.py [--split train|heldout|both] [--chunk-tokens N --overlap N] [--reranker X]
+    python bench/retrieval.py [--data plant|water] [--split train|heldout|both|all] [--chunk-tokens N --overlap N]
+                              [--reranker X]
 
-Data: bench/data/plant (40 documents of a fictional beverage plant; questions.train.jsonl and
-questions.heldout.jsonl, see its README). Settings are chosen on the train half only; the held-out half is
-reported, never tuned on.
+Data (--data, a folder under bench/data with corpus/ and questions.{train,heldout}.jsonl; see each README):
+`plant` (40 documents of a fictional beverage plant, the default) or `water` (38 documents of a fictional water
+utility, written after the settings were first chosen on `plant`). Settings are chosen on train halves only
+(`--split all` of `plant` is tuning data too, its held-out half having been seen); the held-out half of `water`
+is reported once, never tuned on.
 
 - phi3fast: built and queried as a new user does: `Index.build([corpus], out)` with the defaults (what
   `phi3fast index CORPUS --out OUT` runs), then `index.search(question, k=5)` (what `phi3fast query` prints).
@@ -40,7 +43,7 @@ from phi3fast.rag import Index  # noqa: E402
 from phi3fast.rag.embedders import shared_embedder  # noqa: E402
 from phi3fast.rag.readers import iter_files, read_documents  # noqa: E402
 
-DATA = Path(__file__).resolve().parent / "data" / "plant"
+DATA_ROOT = Path(__file__).resolve().parent / "data"
 K = 5
 NAIVE_WORDS = 150
 NAIVE_DEPTH = 50
@@ -48,8 +51,21 @@ RRF_K = 60
 _TOKEN = re.compile(r"\w+")
 
 
-def load_questions(split: str) -> list[dict]:
-    path = DATA / f"questions.{split}.jsonl"
+def data_dir(name: str) -> Path:
+    """A labelled corpus: a name under bench/data (plant, water) or a folder."""
+    path = DATA_ROOT / name if (DATA_ROOT / name).is_dir() else Path(name)
+    if not (path / "corpus").is_dir():
+        raise SystemExit(
+            f"error: {path}: no corpus/ folder (a labelled corpus has corpus/ and questions.*.jsonl)"
+        )
+    return path
+
+
+def load_questions(data: Path, split: str) -> list[dict]:
+    """The questions of one split (train, heldout) or of both (all)."""
+    if split == "all":
+        return load_questions(data, "train") + load_questions(data, "heldout")
+    path = data / f"questions.{split}.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -111,7 +127,8 @@ class NaiveBaseline:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--split", choices=["train", "heldout", "both"], default="both")
+    ap.add_argument("--data", default="plant", help="plant, water, or a folder (default: plant)")
+    ap.add_argument("--split", choices=["train", "heldout", "both", "all"], default="both")
     ap.add_argument(
         "--chunk-tokens", type=int, default=None, help="passed to Index.build (tuning; train only)"
     )
@@ -121,13 +138,14 @@ def main() -> None:
     ap.add_argument("--show-missed", action="store_true")
     args = ap.parse_args()
     splits = ["train", "heldout"] if args.split == "both" else [args.split]
-    corpus = DATA / "corpus"
+    data = data_dir(args.data)
+    corpus = data / "corpus"
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         index = Index.build(
             [corpus],
-            Path(tmp) / "plant.idx",
+            Path(tmp) / f"{data.name}.idx",
             chunk_tokens=args.chunk_tokens,
             overlap=args.overlap,
             reranker=args.reranker,
@@ -146,20 +164,28 @@ def main() -> None:
         }
         rows = []
         for split in splits:
-            questions = load_questions(split)
+            questions = load_questions(data, split)
             ours = score([[r.source for r in index.search(q["question"], k=K)] for q in questions], questions)
             base = score([naive.search(q["question"]) for q in questions], questions)
             for system, s in (("phi3fast hybrid", ours), ("naive MiniLM+BM25 RRF", base)):
-                rows.append({"split": split, "system": system, **settings, **s})
+                rows.append({"data": data.name, "split": split, "system": system, **settings, **s})
             ratio = {
                 m: ours[m] / base[m] if base[m] else float("nan") for m in ("recall@1", "recall@5", "MRR")
             }
-            rows.append({"split": split, "system": "ratio phi3fast/naive", **ratio, "n": len(questions)})
+            rows.append(
+                {
+                    "data": data.name,
+                    "split": split,
+                    "system": "ratio phi3fast/naive",
+                    **ratio,
+                    "n": len(questions),
+                }
+            )
     print(
         f"build: phi3fast {build_s:.1f} s ({settings['chunks']} chunks), naive {naive_s:.1f} s "
         f"({settings['naive_chunks']} chunks); settings {settings}"
     )
-    print_table(rows, ["split", "system", "n", "recall@1", "recall@5", "MRR"])
+    print_table(rows, ["data", "split", "system", "n", "recall@1", "recall@5", "MRR"])
     if args.show_missed:
         for r in rows:
             for m in r.get("missed", []):

@@ -1,7 +1,9 @@
 """Chat generation with a KV cache: greedy (temperature 0, deterministic) or sampled (temperature, top-p, seed).
 
 Decode steps run the model on one token against the cache; each projection then is a matrix-vector product,
-which on CUDA goes to nf4_matmul's small-M (split-K) kernel. Generation stops at <|end|>, at any eos id of the
+which on CUDA goes to nf4_matmul's small-M (split-K) kernel. On CPU, when phi3fast.model.native_decode supports
+the model (fp32 activations, full rotary, kernel backend 'auto'), each step after the prompt is one native call
+through every layer (docs/cpu-inference.md); otherwise the torch modules run it. Generation stops at <|end|>, at any eos id of the
 checkpoint (tokenizer eos and generation_config.json's eos_token_id list), or after max_new_tokens.
 
 LongRoPE note: a 128k variant switches every position to the long factors once the sequence exceeds
@@ -21,7 +23,9 @@ from torch import Tensor
 from phi3fast.errors import Phi3FastError
 from phi3fast.kernels import nf4_cpu
 from phi3fast.kernels.backend import one_cpu_thread
+from phi3fast.model import native_decode
 from phi3fast.model.chat import chat_prompt_ids, stop_ids
+from phi3fast.model.lm_head import StoredLMHead
 from phi3fast.model.phi3 import KVCache, Phi3ForCausalLM
 
 
@@ -89,6 +93,7 @@ def _decode(
     cache = model.new_kv_cache(1, total)
     logits = _next_logits(model, torch.tensor([ids], device=device), cache)
     step = torch.empty((1, 1), dtype=torch.long, device=device)  # the one input tensor of every decode step
+    native = _NativeSteps(model, total) if native_decode.unsupported(model) is None else None
     long_rope = cfg.rope_scaling is not None and len(ids) > cfg.original_max_position_embeddings
     while len(ids) < total:
         scores = logits.float().cpu()
@@ -104,9 +109,30 @@ def _decode(
             long_rope = True  # re-encode everything with the long factors (see the module note)
             cache = model.new_kv_cache(1, total)
             logits = _next_logits(model, torch.tensor([ids], device=device), cache)
+        elif native is not None:
+            logits = native.next_logits(token, cache)
         else:
             step.fill_(token)
             logits = _next_logits(model, step, cache)
+
+
+class _NativeSteps:
+    """Batch-1 decode steps through the native step (phi3fast.model.native_decode): one call per token, into
+    the same KV cache the prompt's prefill filled; the inputs and the logits are preallocated."""
+
+    def __init__(self, model: Phi3ForCausalLM, total: int) -> None:
+        self.decoder = native_decode.NativeDecoder(model, total)
+        self.tokens = torch.zeros(1, dtype=torch.int64)
+        self.positions = torch.zeros(1, dtype=torch.int64)
+        self.adapters = torch.full((1,), self.decoder.own_adapter, dtype=torch.int32)
+        self.logits = torch.empty((1, model.config.vocab_size), dtype=torch.float32)
+        self._tok, self._pos = self.tokens.numpy(), self.positions.numpy()
+
+    def next_logits(self, token: int, cache: KVCache) -> Tensor:
+        self._tok[0], self._pos[0] = token, cache.length
+        self.decoder.step(self.tokens, self.positions, self.adapters, cache.k, cache.v, self.logits)
+        cache.length += 1
+        return self.logits[0]
 
 
 @contextmanager
@@ -127,6 +153,8 @@ def _next_logits(model: Phi3ForCausalLM, input_ids: Tensor, cache: KVCache) -> T
     with _cpu_step_threads(input_ids.device):
         h = model.hidden_states(input_ids, kv_cache=cache)[0, -1:]
         head = model.lm_head
+        if isinstance(head, StoredLMHead) and nf4_cpu.supports(h) and head.weight.device.type == "cpu":
+            return nf4_cpu.dense_linear(h, head.weight)[0]
         if isinstance(head, torch.nn.Linear) and head.bias is None and nf4_cpu.supports(h):
             if head.weight.device.type == "cpu" and head.weight.dtype == h.dtype:
                 return nf4_cpu.dense_linear(h, head.weight)[0]

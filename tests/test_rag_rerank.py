@@ -129,4 +129,7 @@ def test_cli_index_and_query_with_reranker(docs: Path, cross_encoder: Path, tmp_
     got = [(h["source"], h["start"]) for h in json.loads(reranked.output)["results"]]
     expect = [(h.source, h.start) for h in Index.open(idx).search(QUESTIONS[0], k=3)]
     assert got == expect
-    assert json.loads(plain.output)["results"][0]["score"] < 0.1  # an RRF score, not the cross-encoder's
+    # --reranker none: the fused scores of hybrid search, not the cross-encoder's.
+    fused = [h.score for h in Index.open(idx, reranker="none").search(QUESTIONS[0], k=3)]
+    assert [h["score"] for h in json.loads(plain.output)["results"]] == pytest.approx(fused)
+    assert [h["score"] for h in json.loads(reranked.output)["results"]] != pytest.approx(fused)

@@ -135,4 +135,5 @@ PYBIND11_MODULE(_hnsw, m) {
   bind_index(m);
   bind_bfindex(m);
   bind_nf4(m);
+  bind_decode(m);
 }

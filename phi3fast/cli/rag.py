@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     help="sentence-transformers name or folder, or openai:MODEL (default: the bundled all-MiniLM-L6-v2, or "
     "the index's own).",
 )
-@click.option("--chunk-tokens", type=int, default=None, help="Max embedder tokens per chunk [default: 192].")
-@click.option("--overlap", type=int, default=None, help="Tokens shared by consecutive chunks [default: 24].")
+@click.option("--chunk-tokens", type=int, default=None, help="Max embedder tokens per chunk [default: 128].")
+@click.option("--overlap", type=int, default=None, help="Tokens shared by consecutive chunks [default: 16].")
 @click.option(
     "--store",
     default=None,
@@ -164,7 +164,7 @@ def query_cmd(
     reranker: str | None,
     max_new_tokens: int,
 ) -> None:
-    """Search an index: hybrid (dense HNSW + BM25, fused by reciprocal rank) by default.
+    """Search an index: hybrid (dense HNSW + BM25, fused by normalised score) by default.
 
     With --model (and optionally --adapter) the model answers from the numbered passages and cites them.
     """

@@ -11,13 +11,16 @@ The chunks, vectors and keyword index live in a store (stores/base.py has the in
 (stores/milvus/, `store="milvus:URI"`), which the manifest names. Searching, fusion and results are this
 module's, whatever the store, so both give the same hybrid ranking and the same JSON.
 
+Hybrid search fuses the dense and keyword lists by their normalised scores, equally weighted (fusion.py says
+why scores and not ranks).
+
 Exact identifiers
 -----------------
-Plain reciprocal rank fusion of dense and BM25 can bury a part number: for "XR-7755 part" the keyword list ranks
-the one chunk holding XR-7755 first, but the embedder, which has never seen that code, ranks it 25th, and chunks
-that merely talk about parts win the fusion. Hybrid search therefore fuses a third ranked list when the question
-holds code-like words (a digit plus a letter or separator): the chunks that contain all of them (else any),
-ranked by BM25. A question without identifiers fuses dense and keyword only, as usual.
+Plain fusion of dense and BM25 can bury a part number: for "XR-7755 part" the keyword list ranks the one chunk
+holding XR-7755 first, but the embedder, which has never seen that code, ranks it 25th, and chunks that merely
+talk about parts can win the fusion. Hybrid search therefore fuses a third ranked list when the question holds
+code-like words (a digit plus a letter or separator): the chunks that contain all of them (else any), ranked by
+BM25. A question without identifiers fuses dense and keyword only, as usual.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from phi3fast._utils import fsync
 from phi3fast.errors import ArgumentError, Phi3FastError
 from phi3fast.rag.build import BuildStats, build_index, warn_stderr
 from phi3fast.rag.embedders import Embedder, canonical_name, shared_embedder
+from phi3fast.rag.fusion import NORM_DEPTH, RRF_K, rrf_fuse, score_fuse
 from phi3fast.rag.manifest import MANIFEST, read_manifest
 from phi3fast.rag.rerank import Reranker, canonical_reranker_name, shared_reranker
 from phi3fast.rag.stores import open_store
@@ -40,11 +44,8 @@ from phi3fast.rag.stores.base import EXPORT_COLUMNS, Store
 from phi3fast.rag.stores.builtin import BuiltinStore
 from phi3fast.rag.stores.sqlite import ChunkDB
 
-__all__ = ["BuildStats", "Index", "SearchResult", "rrf_fuse"]
+__all__ = ["RRF_K", "BuildStats", "Index", "SearchResult", "rrf_fuse", "score_fuse"]
 
-RRF_K = (
-    60  # reciprocal rank fusion constant from Cormack et al. (2009); damps the weight of the top few ranks
-)
 RERANK_DEPTH = 30  # fused candidates the cross-encoder rescores: past ~30 the right passage is rarely found
 EXPORT_BATCH = 2048  # rows per Parquet row group: bounded memory for any index size
 
@@ -57,26 +58,13 @@ class SearchResult:
     rank: int
     source: str
     heading: str
-    score: float  # hybrid: RRF score (reranked: the cross-encoder's); dense: cosine; keyword: BM25
+    score: float  # hybrid: fused, 0 to 1.5 (reranked: the cross-encoder's); dense: cosine; keyword: BM25
     text: str
     start: int
     end: int
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
-
-
-def rrf_fuse(*ranked_lists: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: each id scores sum(1 / (RRF_K + rank)) over the lists holding it; best first.
-
-    Ranks, not scores, are fused, so cosine similarities and BM25 values need no common scale. Ties keep the
-    order of first appearance (dense first), which makes results deterministic.
-    """
-    fused: dict[int, float] = {}
-    for lst in ranked_lists:
-        for r, (cid, _) in enumerate(lst, 1):
-            fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + r)
-    return sorted(fused.items(), key=lambda t: -t[1])
 
 
 def check_export_target(out: str | Path) -> Path:
@@ -214,7 +202,7 @@ class Index:
         reranker = self.reranker if mode == "hybrid" else None
         want = max(k, RERANK_DEPTH) if reranker is not None else k
         # Fusion needs candidates beyond k from each side: a chunk ranked 30th by one and 2nd by the other wins.
-        depth = min(live, max(4 * want, 40) if mode == "hybrid" else k)
+        depth = min(live, max(4 * want, NORM_DEPTH) if mode == "hybrid" else k)
         dense: list[tuple[int, float]] = []
         keyword: list[tuple[int, float]] = []
         if mode in ("dense", "hybrid") and depth > 0:
@@ -227,7 +215,7 @@ class Index:
             ranked = keyword
         else:
             # See "Exact identifiers" in the module docstring: a third ranked list for part numbers and codes.
-            ranked = rrf_fuse(dense, keyword, view.identifier(question, depth))
+            ranked = score_fuse(dense, keyword, view.identifier(question, depth))
         ranked = ranked[:want]
         rows = view.rows([cid for cid, _ in ranked])
         found = []

@@ -3,7 +3,8 @@
 Each loop iteration admits waiting requests while slots are free (a prefill of each new prompt into its own
 KV slot, with its adapter), then runs one decode step for every running sequence together: one token per row,
 each at its own position, with an attention mask over the padded batch of per-sequence caches and each row's
-LoRA adapter applied by the adapter bank. Sequences that finished, or whose client went away, leave before the
+LoRA adapter applied by the adapter bank; on CPU, when phi3fast.model.native_decode supports the model, the
+whole step is one native call with each row's adapter (the torch path otherwise). Sequences that finished, or whose client went away, leave before the
 next step and free their slot.
 
 Tokens reach the request's handler through a callback (the HTTP layer forwards them to its event loop).
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from phi3fast.generate import sample
-from phi3fast.model import Phi3ForCausalLM
+from phi3fast.model import Phi3ForCausalLM, native_decode
 from phi3fast.model.chat import stop_ids
 from phi3fast.serve.adapters import Adapter, AdapterBank
 from phi3fast.serve.kvpool import SlotPool
@@ -32,6 +33,7 @@ Event = tuple[str, object]
 
 
 PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward pass: bounds its activation memory
+NATIVE_ADAPTERS = 64  # adapters registered with the native step before it is rebuilt (drops removed ones)
 
 
 class QueueFull(Exception):
@@ -83,6 +85,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run
         self.mixed_steps = 0  # decode steps whose batch held rows of two or more different adapters
+        self.native_steps = 0  # of which through the native step (phi3fast.model.native_decode)
+        self._native: _NativeBatch | None = None
+        if native_decode.unsupported(model) is None:
+            self._native = _NativeBatch(model, max_batch, max_context)
 
     # ---- any thread ------------------------------------------------------------------------------------------
 
@@ -203,17 +209,23 @@ class Engine:
         positions = torch.tensor([s.length for s in run], device=model.device)
         self.pool.reserve(int(positions.max()) + 1)
         rows = [s.job.adapter for s in run]
-        self.bank.set_rows(rows)
         if len({id(a) for a in rows if a is not None}) >= 2:
             self.mixed_steps += 1
-        tokens = torch.tensor([[s.last] for s in run], device=model.device)
-        h = model.embed_tokens(tokens)
-        cos, sin = model.rotary(positions[:, None], h.dtype)
-        mask = self._mask(positions)
-        view = self.pool.decode_view(positions)
-        for layer in model.layers:
-            h = layer(h, cos, sin, mask, False, view)
-        logits = model.lm_head(model.norm(h))[:, 0]
+        native = self._native.rows(rows) if self._native is not None else None
+        if native is not None:
+            tokens = torch.tensor([s.last for s in run], dtype=torch.int64)
+            logits = self._native.step(tokens, positions, native, self.pool)
+            self.native_steps += 1
+        else:
+            self.bank.set_rows(rows)
+            tokens = torch.tensor([[s.last] for s in run], device=model.device)
+            h = model.embed_tokens(tokens)
+            cos, sin = model.rotary(positions[:, None], h.dtype)
+            mask = self._mask(positions)
+            view = self.pool.decode_view(positions)
+            for layer in model.layers:
+                h = layer(h, cos, sin, mask, False, view)
+            logits = model.lm_head(model.norm(h))[:, 0]
         for s in run:
             s.length += 1
         self.steps += 1
@@ -275,3 +287,41 @@ class Engine:
                     run.pop()
             else:
                 i += 1
+
+
+class _NativeBatch:
+    """The batched decode step through phi3fast.model.native_decode: every row's token, at its own position,
+    on its own adapter (registered with the native step the first time a row uses it). Rows on an adapter while
+    the model carries LoRA factors of its own take the torch path (the two would have to stack)."""
+
+    def __init__(self, model: Phi3ForCausalLM, max_batch: int, max_context: int) -> None:
+        self.model, self.max_context = model, max_context
+        self.logits = torch.empty((max_batch, model.config.vocab_size), dtype=torch.float32)
+        self._build()
+
+    def _build(self) -> None:
+        self.decoder = native_decode.NativeDecoder(self.model, self.max_context)
+        self._index: dict[int, tuple[Adapter, int]] = {}  # id(adapter) -> (adapter, index); keeps it alive
+
+    def rows(self, adapters: list[Adapter | None]) -> Tensor | None:
+        """Each row's adapter index (int32), or None when a row needs the torch path."""
+        out = []
+        for a in adapters:
+            if a is None:
+                out.append(self.decoder.own_adapter)
+                continue
+            if self.decoder.own_adapter == 0:
+                return None
+            entry = self._index.get(id(a))
+            if entry is None:
+                if len(self._index) >= NATIVE_ADAPTERS:
+                    self._build()
+                    return self.rows(adapters)
+                weights = {name: (wa, wb, 1.0) for name, (wa, wb) in a.weights.items()}  # B carries the scale
+                entry = self._index[id(a)] = (a, self.decoder.add_adapter(weights))
+            out.append(entry[1])
+        return torch.tensor(out, dtype=torch.int32)
+
+    def step(self, tokens: Tensor, positions: Tensor, rows: Tensor, pool) -> Tensor:  # noqa: ANN001
+        logits = self.logits[: tokens.shape[0]]
+        return self.decoder.step(tokens, positions, rows, pool.k, pool.v, logits)

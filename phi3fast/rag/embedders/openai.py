@@ -12,7 +12,7 @@ download its vocabulary). The bundled all-MiniLM-L6-v2 WordPiece tokenizer stand
 rare English words into more pieces than cl100k's 100k one, which errs on the safe side; but a script it lacks
 collapses to one [UNK] per word and counts fewer tokens than the endpoint will. Hence the margins: an input may be
 up to half the endpoint's per-input limit in proxy tokens, and a request carries up to half its per-request token
-limit. Chunks are 192 proxy tokens unless --chunk-tokens says otherwise.
+limit. Chunks are 128 proxy tokens unless --chunk-tokens says otherwise.
 
 Failures
 --------

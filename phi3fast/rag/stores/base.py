@@ -1,7 +1,7 @@
 """What every chunk store satisfies: an opened store hands out views (read), a writer does one build.
 
 Index (rag/index.py) and the build (rag/build.py) talk only to these interfaces, so the search path, the
-reciprocal rank fusion and the JSON are one piece of code whatever holds the chunks: the built-in store
+fusion (rag/fusion.py) and the JSON are one piece of code whatever holds the chunks: the built-in store
 (stores/builtin.py: SQLite + FTS5 + phi3fast.hnsw) or Milvus (stores/milvus/).
 """
 
