@@ -227,6 +227,43 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dxl, da, db, None, None, None
 
 
+class _NativeDropout(torch.autograd.Function):
+    """LoRA dropout through the native kernels (csrc/nf4/dropout.h): the mask is a hash of (seed, index) with the
+    seed drawn from torch's generator, kept as one byte per element for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        xc = x.contiguous()
+        out = torch.empty_like(xc)
+        mask = torch.empty(xc.shape, dtype=torch.uint8)
+        seed = int(torch.randint(0, 2**62, (1,)))
+        nf4_cpu.dropout_native(xc, out, mask, p, seed)
+        ctx.save_for_backward(mask)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (mask,) = ctx.saved_tensors
+        g = grad_out.contiguous()
+        out = torch.empty_like(g)
+        nf4_cpu.dropout_native_backward(g, mask, out, ctx.p)
+        return out, None
+
+
+def lora_dropout(x: Tensor, p: float) -> Tensor:
+    """Training-mode dropout of a LoRA input: each element zeroed with probability p, the rest scaled by 1/(1-p).
+    On CPU (float32/bfloat16, native module built) the native kernel draws the mask (torch's own CPU bernoulli
+    costs ~60 elementwise ops per element); elsewhere torch's F.dropout. Both follow torch's RNG state."""
+    if not 0.0 <= p < 1.0:
+        raise KernelInputError(f"dropout p={p}: expected 0 <= p < 1")
+    if p == 0.0:
+        return x
+    if nf4_cpu.supports(x):
+        return _NativeDropout.apply(x, float(p))
+    return torch.nn.functional.dropout(x, p, training=True)
+
+
 def lora_linear(
     x: Tensor,
     w: NF4Tensors | Tensor,

@@ -261,6 +261,20 @@ def dense_linear(x: Tensor, weight: Tensor, *, simd: str | None = None, threads:
     return out.view(*x.shape[:-1], n)
 
 
+def dropout_native(x: Tensor, out: Tensor, mask: Tensor, p: float, seed: int) -> None:
+    """out = x * keep / (1 - p), mask = keep (uint8), keep a hash of (seed, index): contiguous CPU tensors."""
+    _native.dropout_forward(
+        x.data_ptr(), out.data_ptr(), mask.data_ptr(), _NAMES[x.dtype], x.numel(), p, seed, _threads(None)
+    )
+
+
+def dropout_native_backward(g: Tensor, mask: Tensor, out: Tensor, p: float) -> None:
+    """out = g * mask / (1 - p): contiguous CPU tensors."""
+    _native.dropout_backward(
+        g.data_ptr(), mask.data_ptr(), out.data_ptr(), _NAMES[g.dtype], g.numel(), p, _threads(None)
+    )
+
+
 # ---- row-wise ops of a decode step (no autograd: the callers use them only when no gradient is needed) ----------
 
 

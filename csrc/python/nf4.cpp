@@ -11,6 +11,7 @@
 
 #include "common/simd.h"
 #include "nf4/dense.h"
+#include "nf4/dropout.h"
 #include "nf4/gemm_bf16.h"
 #include "nf4/kernels.h"
 #include "nf4/rowwise.h"
@@ -157,6 +158,31 @@ void bind_nf4(py::module_& m) {
       },
       py::arg("qkv"), py::arg("dtype"), py::arg("b"), py::arg("t"), py::arg("row_width"), py::arg("n_rot"),
       py::arg("half"), py::arg("cos"), py::arg("sin"), py::arg("cs_dtype"), py::arg("cs_b"), py::arg("cs_t"));
+  m.def(
+      "dropout_forward",
+      [](uintptr_t x, uintptr_t out, uintptr_t mask, const std::string& dtype, int64_t n, double p, uint64_t seed,
+         int threads) {
+        if (!x || !out || !mask || n < 0 || !(p >= 0.0 && p < 1.0))
+          throw std::invalid_argument("dropout_forward: bad arguments");
+        const DType dt = dtype_from_name(dtype);
+        py::gil_scoped_release release;
+        dropout_forward(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out),
+                        reinterpret_cast<uint8_t*>(mask), dt, n, p, seed, threads);
+      },
+      py::arg("x"), py::arg("out"), py::arg("mask"), py::arg("dtype"), py::arg("n"), py::arg("p"), py::arg("seed"),
+      py::arg("threads") = 0, "out = x * keep / (1 - p), keep (uint8) a hash of (seed, index); GIL released.");
+  m.def(
+      "dropout_backward",
+      [](uintptr_t g, uintptr_t mask, uintptr_t out, const std::string& dtype, int64_t n, double p, int threads) {
+        if (!g || !out || !mask || n < 0 || !(p >= 0.0 && p < 1.0))
+          throw std::invalid_argument("dropout_backward: bad arguments");
+        const DType dt = dtype_from_name(dtype);
+        py::gil_scoped_release release;
+        dropout_backward(reinterpret_cast<const void*>(g), reinterpret_cast<const uint8_t*>(mask),
+                         reinterpret_cast<void*>(out), dt, n, p, threads);
+      },
+      py::arg("g"), py::arg("mask"), py::arg("out"), py::arg("dtype"), py::arg("n"), py::arg("p"),
+      py::arg("threads") = 0, "out = g * mask / (1 - p); GIL released.");
   m.def("nf4_bf16_compute_supported", &cpu_has_avx512bf16,
         "Whether this CPU has AVX512-BF16 (what compute='bf16' of nf4_linear/nf4_dx needs).");
   m.def("nf4_max_threads", &ThreadPool::max_threads, "Threads the NF4 kernels use by default (every core).");

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from phi3fast.errors import Phi3FastError
 from phi3fast.kernels import lora_linear, nf4_cpu, nf4_linear, rms_norm, rope_qkv_, swiglu
 from phi3fast.kernels.backend import BACKENDS
+from phi3fast.kernels.lora import lora_dropout
 from phi3fast.model.config import Phi3Config
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ class Phi3Linear(nn.Module):
         # LoRA factors are kept in fp32 (master weights); the cast is differentiable, so grads land in fp32.
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # x_lora=None lets the kernel reuse x (no dropout copy) whenever dropout is off or in eval mode.
-        x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
+        drop = self.lora_dropout if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
+        x_lora = lora_dropout(x, drop.p) if drop is not None and drop.p > 0 else None
         return lora_linear(x, self.base, a, b, self.lora_scale, x_lora=x_lora, backend=self.kernel_backend)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Phi3Linear:
