@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import threading
+import time
 
 import pytest
 
@@ -91,9 +92,21 @@ def test_disconnect_mid_stream_frees_the_slot(one_slot: ThreadServer) -> None:
     assert client.chat.completions.create(**_body(3, False)).usage.completion_tokens == 3
 
 
-def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(one_slot: ThreadServer) -> None:
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(
+    one_slot: ThreadServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = one_slot.service.engine
     steps = engine.steps
+    # Decode steps wait until the client has hung up, then take 10 ms each (a native step of the tiny model takes
+    # well under one): the hang-up is seen within 3 s of steps, however fast or loaded the machine.
+    hung_up, decode_step = threading.Event(), engine._decode_step
+
+    def slow_step() -> None:
+        hung_up.wait(120)
+        time.sleep(0.01)
+        decode_step()
+
+    monkeypatch.setattr(engine, "_decode_step", slow_step)
     # A non-streaming client that hangs up once its request is running, before the answer is complete.
     body = json.dumps(_body(LONG, False)).encode()
     host, port = one_slot.url.removeprefix("http://").split(":")
@@ -102,6 +115,7 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(one_slot: Th
     sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     _wait_for(one_slot, lambda h: h["running"] == 1, "busy")
     sock.close()
+    hung_up.set()
     _wait_idle(one_slot)
     assert engine.steps - steps < LONG - 1
 
