@@ -3,7 +3,7 @@ inside it (and, not yet, names `--resume`).
 
 Runs the Makefile's own demo target (index, both answers, the training) on the cached converted SmolLM2, so a
 change to the recipe, the data or the code under it that breaks the demo's answer fails here. Slow: the demo's
-whole run, about 3 minutes on 2 quiet cores.
+whole run, 2.5 minutes on 2 cores at load 2 (README, Quickstart).
 """
 
 from __future__ import annotations
