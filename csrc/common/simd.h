@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -45,6 +46,18 @@ inline SimdLevel detect_simd() {
     if (static_cast<int>(c) < static_cast<int>(best)) best = c;
   }
   return best;
+}
+
+// The level a binding's `simd=` argument asks for (none: the best here). Asking for more than this CPU has is an
+// error rather than a silent downgrade, so a test that names a level really runs it.
+inline SimdLevel simd_requested(const std::optional<std::string>& name) {
+  const SimdLevel best = detect_simd();
+  if (!name) return best;
+  const SimdLevel want = simd_from_name(*name);
+  if (static_cast<int>(want) > static_cast<int>(best))
+    throw std::invalid_argument("simd='" + *name + "' is not supported here (best: " +
+                                std::string(simd_name(best)) + ")");
+  return want;
 }
 
 }  // namespace phi3fast

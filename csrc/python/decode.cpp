@@ -23,16 +23,6 @@ T* addr(uintptr_t a, const char* what) {
   return reinterpret_cast<T*>(a);
 }
 
-phi3fast::SimdLevel simd_level(const std::optional<std::string>& simd) {
-  const phi3fast::SimdLevel best = phi3fast::detect_simd();
-  if (!simd) return best;
-  const phi3fast::SimdLevel want = phi3fast::simd_from_name(*simd);
-  if (static_cast<int>(want) > static_cast<int>(best))
-    throw std::invalid_argument("simd='" + *simd + "' is not supported here (best: " +
-                                std::string(phi3fast::simd_name(best)) + ")");
-  return want;
-}
-
 }  // namespace
 
 void bind_decode(py::module_& m) {
@@ -87,7 +77,7 @@ void bind_decode(py::module_& m) {
              uintptr_t logits, std::optional<std::string> simd, int threads) {
             const KvCache kv{addr<float>(k, "K cache"), addr<float>(v, "V cache"), slots, cap};
             const RopeTable rope{addr<const float>(cos, "cos"), addr<const float>(sin, "sin"), table_len};
-            const phi3fast::SimdLevel s = simd_level(simd);
+            const phi3fast::SimdLevel s = phi3fast::simd_requested(simd);
             const int64_t* tok = addr<const int64_t>(tokens, "tokens");
             const int64_t* pos = addr<const int64_t>(positions, "positions");
             const int32_t* ad = addr<const int32_t>(adapter, "adapters");
@@ -109,7 +99,7 @@ void bind_decode(py::module_& m) {
         const void* wp = addr<const void>(w, "weight");
         const float* xp = addr<const float>(x, "x");
         float* op = addr<float>(out, "out");
-        const phi3fast::SimdLevel s = simd_level(simd);
+        const phi3fast::SimdLevel s = phi3fast::simd_requested(simd);
         py::gil_scoped_release release;
         head_linear(wp, hs, reinterpret_cast<const float*>(scale), n, k, xp, m_rows, op, s, threads);
       },

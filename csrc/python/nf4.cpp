@@ -27,16 +27,6 @@ const T* ptr(uintptr_t a) {
   return reinterpret_cast<const T*>(a);
 }
 
-phi3fast::SimdLevel pick_simd(const std::optional<std::string>& simd) {
-  const phi3fast::SimdLevel best = phi3fast::detect_simd();
-  if (!simd) return best;
-  const phi3fast::SimdLevel want = phi3fast::simd_from_name(*simd);
-  if (static_cast<int>(want) > static_cast<int>(best))
-    throw std::invalid_argument("simd='" + *simd + "' is not supported here (best: " +
-                                std::string(phi3fast::simd_name(best)) + ")");
-  return want;
-}
-
 WeightView make_view(uintptr_t packed, uintptr_t absmax, bool double_quant, uintptr_t nested_code,
                      uintptr_t nested_absmax, float offset, const std::vector<float>& code, int64_t n, int64_t k,
                      int64_t blocksize) {
@@ -67,7 +57,7 @@ void run_op(bool is_dx, const WeightView& w, uintptr_t a, const std::string& a_d
   const Matrix mat{reinterpret_cast<const void*>(a), dtype_from_name(a_dtype), m, cols};
   const DType odt = dtype_from_name(out_dtype);
   Lora lora{ptr<float>(lora_left), ptr<float>(lora_right), r, scale};
-  const phi3fast::SimdLevel s = pick_simd(simd);
+  const phi3fast::SimdLevel s = phi3fast::simd_requested(simd);
   if (compute != "fp32" && compute != "bf16")
     throw std::invalid_argument("compute='" + compute + "': expected 'fp32' or 'bf16'");
   // bf16 compute: the large-M GEMMs only (decode's GEMV stays fp32), on AVX-512 with AVX512-BF16, else fp32.
@@ -121,7 +111,7 @@ void bind_nf4(py::module_& m) {
          int64_t m_rows, uintptr_t out, const std::string& out_dtype, std::optional<std::string> simd, int threads) {
         if (!w || !x || !out || m_rows < 0) throw std::invalid_argument("dense_linear: bad pointer or M");
         const DType wdt = dtype_from_name(w_dtype), xdt = dtype_from_name(x_dtype), odt = dtype_from_name(out_dtype);
-        const phi3fast::SimdLevel s = pick_simd(simd);
+        const phi3fast::SimdLevel s = phi3fast::simd_requested(simd);
         py::gil_scoped_release release;
         dense_linear(reinterpret_cast<const void*>(w), wdt, n, k, reinterpret_cast<const void*>(x), xdt, m_rows,
                      reinterpret_cast<void*>(out), odt, s, threads);

@@ -1,6 +1,6 @@
-"""Split questions.jsonl into questions.train.jsonl and questions.heldout.jsonl, deterministically.
+"""Split a corpus folder's questions.jsonl into questions.train.jsonl and questions.heldout.jsonl, deterministically.
 
-    python bench/data/plant/split.py
+    python bench/data/split.py bench/data/plant      # or bench/data/water
 
 The questions are ordered by source path, then by the SHA-256 of their text, and dealt alternately to the two
 halves. So every document with two or more questions has questions on both sides, the halves differ in size by
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
 
 
 def _h(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
-def main() -> None:
-    lines = (HERE / "questions.jsonl").read_text(encoding="utf-8").splitlines()
+def main(folder: Path) -> None:
+    lines = (folder / "questions.jsonl").read_text(encoding="utf-8").splitlines()
     by_source: dict[str, list[str]] = defaultdict(list)
     for line in lines:
         by_source[json.loads(line)["source"]].append(line)
@@ -35,9 +34,11 @@ def main() -> None:
     for i, line in enumerate(ordered):
         halves["train" if i % 2 == 0 else "heldout"].append(line)
     for name, rows in halves.items():
-        (HERE / f"questions.{name}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        (folder / f"questions.{name}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         print(f"questions.{name}.jsonl: {len(rows)} questions")
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "questions.jsonl").is_file():
+        sys.exit("usage: python bench/data/split.py FOLDER (a folder holding questions.jsonl)")
+    main(Path(sys.argv[1]))
