@@ -177,30 +177,7 @@ def linear(
 ) -> Tensor:
     """x [..., K] W^T (+ scale * t B^T with lora = (t [..., r], B [N, r], scale)) -> [..., N] in x's dtype.
     compute: 'fp32' or 'bf16' (see compute_mode; None: the current mode)."""
-    view = weight_view(w)
-    n, k = view.n, view.k
-    x2 = _rows(x, k, "x")
-    m = x2.shape[0]
-    # Allocated in its final shape (the same memory as [M, N]): a view made here could not be modified in place
-    # when an autograd Function returns it (RoPE on the qkv output).
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    t_ptr = b_ptr = r = 0
-    scale = 0.0
-    if lora is not None:
-        t, b, scale = lora
-        r = b.shape[1] if b.dim() == 2 else -1
-        if b.dim() != 2 or b.shape[0] != n or t.shape[-1] != r or t.numel() != m * r:
-            raise KernelInputError(
-                f"LoRA operands t {tuple(t.shape)} and B {tuple(b.shape)}: expected t [..., r] with "
-                f"M={m} rows and B [N={n}, r]"
-            )
-        t, b = _f32(t).reshape(m, r), _f32(b)
-        t_ptr, b_ptr = t.data_ptr(), b.data_ptr()
-    _native.nf4_linear(
-        view, x2.data_ptr(), _NAMES[x2.dtype], m, out.data_ptr(), _NAMES[out.dtype], t_ptr, b_ptr, r,
-        float(scale), simd, _threads(threads), _compute(compute),
-    )  # fmt: skip
-    return out
+    return _launch("nf4_linear", x, w, lora, True, simd, threads, compute)
 
 
 def dx(
@@ -214,25 +191,45 @@ def dx(
 ) -> Tensor:
     """dY [..., N] W (+ scale * u A with lora = (u [..., r], A [r, K], scale)) -> [..., K] in dY's dtype.
     compute: 'fp32' or 'bf16' (see compute_mode; None: the current mode)."""
+    return _launch("nf4_dx", g, w, lora, False, simd, threads, compute)
+
+
+def _launch(
+    op: str,
+    x: Tensor,
+    w: NF4Weight,
+    lora: tuple[Tensor, Tensor, float] | None,
+    forward: bool,
+    simd: str | None,
+    threads: int | None,
+    compute: str | None,
+) -> Tensor:
+    """The shared body of linear (forward: x [..., K] -> [..., N]) and dx (dY [..., N] -> [..., K]): operand
+    checks, the output, the LoRA term's pointers. The LoRA factor is B [N, r] forward and A [r, K] for dx."""
     view = weight_view(w)
     n, k = view.n, view.k
-    g2 = _rows(g, n, "dY")
-    m = g2.shape[0]
-    out = torch.empty((*g.shape[:-1], k), dtype=g.dtype)
-    u_ptr = a_ptr = r = 0
+    d_in, d_out = (k, n) if forward else (n, k)
+    x2 = _rows(x, d_in, "x" if forward else "dY")
+    m = x2.shape[0]
+    # Allocated in its final shape (the same memory as [M, N]): a view made here could not be modified in place
+    # when an autograd Function returns it (RoPE on the qkv output).
+    out = torch.empty((*x.shape[:-1], d_out), dtype=x.dtype)
+    t_ptr = f_ptr = r = 0
     scale = 0.0
     if lora is not None:
-        u, a, scale = lora
-        r = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or a.shape[1] != k or u.shape[-1] != r or u.numel() != m * r:
+        t, f, scale = lora
+        r = (f.shape[1] if forward else f.shape[0]) if f.dim() == 2 else -1
+        f_ok = f.dim() == 2 and (f.shape[0] == n if forward else f.shape[1] == k)
+        if not f_ok or t.shape[-1] != r or t.numel() != m * r:
+            tn, fn, want = ("t", "B", f"B [N={n}, r]") if forward else ("u", "A", f"A [r, K={k}]")
             raise KernelInputError(
-                f"LoRA operands u {tuple(u.shape)} and A {tuple(a.shape)}: expected u [..., r] with "
-                f"M={m} rows and A [r, K={k}]"
+                f"LoRA operands {tn} {tuple(t.shape)} and {fn} {tuple(f.shape)}: expected {tn} [..., r] with "
+                f"M={m} rows and {want}"
             )
-        u, a = _f32(u).reshape(m, r), _f32(a)
-        u_ptr, a_ptr = u.data_ptr(), a.data_ptr()
-    _native.nf4_dx(
-        view, g2.data_ptr(), _NAMES[g2.dtype], m, out.data_ptr(), _NAMES[out.dtype], u_ptr, a_ptr, r,
+        t, f = _f32(t).reshape(m, r), _f32(f)
+        t_ptr, f_ptr = t.data_ptr(), f.data_ptr()
+    getattr(_native, op)(
+        view, x2.data_ptr(), _NAMES[x2.dtype], m, out.data_ptr(), _NAMES[out.dtype], t_ptr, f_ptr, r,
         float(scale), simd, _threads(threads), _compute(compute),
     )  # fmt: skip
     return out
