@@ -7,9 +7,22 @@ import json
 import shutil
 from pathlib import Path
 
+from phi3fast.rag import Index
+from phi3fast.rag.embedders import shared_embedder
+
 DATA = Path(__file__).resolve().parent / "data" / "rag"
 QUESTIONS = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines() if line.strip()]
 CHUNK_TOKENS, OVERLAP = 128, 16  # smaller than the default so sections split into several chunks
+
+
+def index_of(docs: dict[str, str], tmp_path_factory) -> Index:  # noqa: ANN001
+    """An index over files named and written from `docs`, with the shared MiniLM embedder."""
+    root = tmp_path_factory.mktemp("docs")
+    for name, text in docs.items():
+        (root / name).write_text(text)
+    return Index.build(
+        [root], tmp_path_factory.mktemp("idx") / "i", embedder=shared_embedder(), progress=False
+    )
 
 
 def hit(results: list, q: dict) -> bool:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from rag_helpers import index_of
 
 from phi3fast.rag import Index
-from phi3fast.rag.embedders import Embedder, shared_embedder
 from phi3fast.rag.fusion import NORM_DEPTH, WEIGHTS, normalise, rrf_fuse, score_fuse
 
 
@@ -62,11 +62,7 @@ DOCS = {
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
-    emb: Embedder = shared_embedder()
-    root = tmp_path_factory.mktemp("docs")
-    for name, text in DOCS.items():
-        (root / name).write_text(text)
-    return Index.build([root], tmp_path_factory.mktemp("idx") / "i", embedder=emb, progress=False)
+    return index_of(DOCS, tmp_path_factory)
 
 
 @pytest.mark.parametrize("question", ["How is a chlorine drum joint checked for leaks?", "RM-80W meter flow"])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from rag_helpers import index_of
 
 from phi3fast.rag import Index
-from phi3fast.rag.embedders import Embedder, shared_embedder
 from phi3fast.rag.stores.keywords import identifier_forms, identifier_queries
 
 # Two near-duplicate manuals: the code is "CP-200" in one text, "CP250" in the other (file names without codes,
@@ -31,11 +31,7 @@ def test_identifier_forms() -> None:
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
-    emb: Embedder = shared_embedder()
-    root = tmp_path_factory.mktemp("docs")
-    for name, text in DOCS.items():
-        (root / name).write_text(text)
-    return Index.build([root], tmp_path_factory.mktemp("idx") / "i", embedder=emb, progress=False)
+    return index_of(DOCS, tmp_path_factory)
 
 
 @pytest.mark.parametrize(
