@@ -127,10 +127,17 @@ class _NativeSteps:
         self.adapters = torch.full((1,), self.decoder.own_adapter, dtype=torch.int32)
         self.logits = torch.empty((1, model.config.vocab_size), dtype=torch.float32)
         self._tok, self._pos = self.tokens.numpy(), self.positions.numpy()
+        self._checked: KVCache | None = (
+            None  # the cache the operands were checked with (LongRoPE makes a new one)
+        )
 
     def next_logits(self, token: int, cache: KVCache) -> Tensor:
         self._tok[0], self._pos[0] = token, cache.length
-        self.decoder.step(self.tokens, self.positions, self.adapters, cache.k, cache.v, self.logits)
+        operands = (self.tokens, self.positions, self.adapters, cache.k, cache.v, self.logits)
+        if cache is not self._checked:
+            self.decoder.check(*operands)
+            self._checked = cache
+        self.decoder.run(*operands)
         cache.length += 1
         return self.logits[0]
 

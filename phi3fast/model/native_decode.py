@@ -157,6 +157,13 @@ class NativeDecoder:
         """logits [M, V] (written in place) for tokens/positions (int64 [M]) and adapter indices (int32 [M],
         -1: none); K/V of row m go into slot m of k/v [layers, slots, kv_heads, cap, head_dim] at its position.
         `simd` forces a SIMD level (tests); the default is the best this CPU has, capped by PHI3FAST_SIMD."""
+        self.check(tokens, positions, adapters, k, v, logits)
+        return self.run(tokens, positions, adapters, k, v, logits, simd=simd)
+
+    def check(
+        self, tokens: Tensor, positions: Tensor, adapters: Tensor, k: Tensor, v: Tensor, logits: Tensor
+    ) -> None:
+        """The operand checks of step; a caller that passes the same tensors every step checks them once."""
         m = tokens.shape[0]
         for t, dt in ((tokens, torch.int64), (positions, torch.int64), (adapters, torch.int32)):
             if t.dtype != dt or t.shape != (m,) or not t.is_contiguous():
@@ -171,6 +178,20 @@ class NativeDecoder:
             raise ValueError("decode step: the K/V cache must be contiguous")
         if logits.shape != (m, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
             raise ValueError(f"decode step: logits must be contiguous float32 [{m}, {self.vocab}]")
+
+    def run(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        adapters: Tensor,
+        k: Tensor,
+        v: Tensor,
+        logits: Tensor,
+        *,
+        simd: str | None = None,
+    ) -> Tensor:
+        """step without the operand checks: only for operands that passed check (addresses go to C++ as is)."""
+        m = tokens.shape[0]
         self._d.step(
             _ptr(tokens), _ptr(positions), _ptr(adapters), m, _ptr(k), _ptr(v), k.shape[1], k.shape[3],
             _ptr(self.cos), _ptr(self.sin), self.cos.shape[0], _ptr(logits), simd, nf4_cpu._threads(None),
